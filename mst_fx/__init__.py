@@ -1,0 +1,11 @@
+"""mst-fx: the Mini-Sequence Transformer as a torch.compile backend.
+
+    model = torch.compile(model, backend="mst")               # no import needed
+    model = torch.compile(model, backend=mst_fx.backend(chunks=8))
+"""
+
+from mst_fx.backend import backend, mst_backend, rewrite
+from mst_fx.options import MstOptions
+
+__all__ = ["backend", "mst_backend", "rewrite", "MstOptions"]
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The `mst` torch.compile backend: options -> passes -> hand-off to a compiler.
+
+    torch.compile(model, backend="mst", options={"chunks": 8})   # found through the entry point
+    torch.compile(model, backend=mst_fx.backend(chunks=8))       # same, configured in Python
+
+The passes run on a copy of Dynamo's graph. If they raise, or the compiler rejects the rewritten
+graph, the original graph is compiled instead and one log line says why: a rewrite may fail to
+save memory, but never fails training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import fx
+
+from mst_fx.options import MstOptions
+from mst_fx.passes import GraphReport, run_passes
+
+log = logging.getLogger(__name__)
+
+
+def mst_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
+    """The entry point `torch.compile(backend="mst")` calls; `options` come from torch.compile."""
+    return compile_graph(gm, example_inputs, MstOptions.from_mapping(options), mode)
+
+
+def backend(**options):
+    """The `mst` backend with these options, validated now (a bad one raises ValueError)."""
+    configured = MstOptions.from_mapping(options)
+
+    def mst(gm: fx.GraphModule, example_inputs, options=None, mode=None):
+        if options:
+            raise ValueError("mst_fx.backend(...) is already configured; pass options to it, not to torch.compile")
+        return compile_graph(gm, example_inputs, configured, mode)
+
+    return mst
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None):
+    rewritten, report = rewrite(gm, example_inputs, options)
+    if rewritten is gm:
+        return hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
+    try:
+        return hand_off(rewritten, example_inputs, options.compiler, mode, recompute=bool(report.rewritten("mlp")))
+    except Exception as error:  # the compiler rejected our graph: compile the user's instead
+        log.warning("mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten",
+                    type(error).__name__, error)
+        return hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
+
+
+def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx.GraphModule, GraphReport]:
+    """(rewritten copy of gm, report); (gm itself, report) when nothing was rewritten."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    work = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    try:
+        report = run_passes(work, example_inputs, options)
+    except Exception as error:
+        log.warning("mst: a pass failed on this graph (%s: %s); compiling it unrewritten",
+                    type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        return gm, GraphReport()
+    return (work if report.rewritten() else gm), report
+
+
+def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool):
+    """Compile with the chosen compiler.
+
+    `recompute`: the graph holds per-chunk recomputation for backward. AOTAutograd's joint-graph
+    CSE would merge each recomputed matmul with its forward twin, and the partitioner would then
+    save every chunk's intermediates: the rewrite would run and save nothing. So CSE is off for it.
+    """
+    if compiler == "eager":
+        return gm.forward
+    no_cse = torch._functorch.config.patch(cse=False) if recompute else contextlib.nullcontext()
+    with no_cse:
+        if compiler == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = torch._inductor.list_mode_options(mode) if mode else None
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        return _aot_eager(gm, example_inputs)
+
+
+def _aot_eager(gm, example_inputs):
+    """AOTAutograd without codegen, partitioned as Inductor partitions (min-cut), so what is saved
+    for backward is what Inductor would save."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_compiler
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def nop(graph_module, _inputs):
+        return graph_module
+
+    compiler = aot_autograd(
+        fw_compiler=make_boxed_compiler(nop),
+        bw_compiler=make_boxed_compiler(nop),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    return compiler(gm, example_inputs)

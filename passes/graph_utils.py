@@ -1,0 +1,205 @@
+"""What the passes share: reading Dynamo graphs (linears in their forms, elementwise chains, shapes,
+parameter names) and the `CantChunk` exception a matcher raises to leave a site alone with a reason.
+
+The graphs are Dynamo's: torch-level calls (`torch._C._nn.linear`, `F.silu`, `operator.mul`,
+`.view`, ...) with a FakeTensor in `node.meta["example_value"]`, parameters as placeholders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+
+class CantChunk(Exception):
+    """A site the passes understand in part but can't rewrite safely; the message says why."""
+
+
+def example_value(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape_of(node) -> tuple | None:
+    value = example_value(node)
+    return None if value is None else tuple(value.shape)
+
+
+def size_hint(size) -> int:
+    """An int for a possibly symbolic size, without installing a guard on it."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            raise CantChunk("a token dimension has no size hint (unbacked symbolic size)")
+        return int(hint)
+    return int(size)
+
+
+def numel_hint(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= size_hint(s)
+    return n
+
+
+def is_call(node, targets, methods=()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    return node.op == "call_method" and node.target in methods
+
+
+_LINEAR_FNS = {torch._C._nn.linear, F.linear}
+_VIEW_METHODS = {"view", "reshape"}
+
+
+@dataclasses.dataclass
+class Linear:
+    """One linear layer as it appears in the graph: `out = input @ W.T + b` (or `input @ W + b`)."""
+
+    out: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    transposed: bool  # W stored (in, out): GPT-2's Conv1D as addmm around views
+    nodes: list[fx.Node]  # every node that makes up the layer, input excluded
+
+
+def match_linear(node) -> Linear | None:
+    """`F.linear(x, W, b)`, or Conv1D's `addmm(b, x.view(-1, d), W).view(*lead, out)`."""
+    if is_call(node, _LINEAR_FNS):
+        args = list(node.args) + [None] * 3
+        x, weight = args[0], node.kwargs.get("weight", args[1])
+        bias = node.kwargs.get("bias", args[2])
+        if isinstance(x, fx.Node) and isinstance(weight, fx.Node) and _is_tensor_or_none(bias):
+            return Linear(node, x, weight, bias, False, [node])
+        return None
+    if is_call(node, (), _VIEW_METHODS) and is_call(node.args[0], {torch.addmm}):
+        addmm = node.args[0]
+        flat = addmm.args[1] if len(addmm.args) > 2 else None
+        if addmm.kwargs or len(addmm.users) != 1 or not is_call(flat, (), _VIEW_METHODS):
+            return None
+        if len(flat.users) != 1:
+            return None
+        return Linear(node, flat.args[0], addmm.args[2], addmm.args[0], True, [flat, addmm, node])
+    return None
+
+
+def _is_tensor_or_none(x) -> bool:
+    return x is None or example_value(x) is not None
+
+
+# Ops that act on each element independently (given scalar extra arguments). Random ones such as
+# dropout are left out on purpose: a recompute would draw a different mask.
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.square,
+    torch.tanh, torch.sigmoid, torch.exp, torch.erf, torch.relu, torch.abs, torch.clamp,
+    torch.sqrt, torch.rsqrt, torch.sin, torch.cos, torch.log1p,
+    F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.sigmoid, F.tanh,
+    F.softplus, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.logsigmoid, F.softsign,
+    torch._C._nn.gelu, torch._C._nn.silu, torch._C._nn.hardswish, torch._C._nn.softplus,
+}  # fmt: skip
+ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "pow", "neg", "square", "tanh", "sigmoid", "exp", "erf", "relu",
+    "abs", "clamp", "sqrt", "rsqrt", "float", "half", "bfloat16", "to", "type",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__pow__",
+}  # fmt: skip
+
+
+def _node_args(node: fx.Node) -> list:
+    flat = []
+    fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    return [a for a in flat if isinstance(a, fx.Node)]
+
+
+def is_elementwise_of(node: fx.Node, shape: tuple) -> bool:
+    """An elementwise op whose output has `shape` and whose other arguments are scalars."""
+    if not is_call(node, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS):
+        return False
+    return shape_of(node) == shape
+
+
+def elementwise_chain(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    """The elementwise nodes computing `end` from `start` alone, in graph order.
+
+    Raises CantChunk when `end` depends on another tensor or passes a non-elementwise op.
+    """
+    if end is start:
+        return []
+    shape, chain, todo = shape_of(start), {}, [end]
+    while todo:
+        node = todo.pop()
+        if node is start or node in chain:
+            continue
+        if not is_elementwise_of(node, shape):
+            raise CantChunk(f"'{node.name}' ({_describe(node)}) between the linears is not an elementwise op")
+        chain[node] = None
+        for arg in _node_args(node):
+            if example_value(arg) is None:
+                raise CantChunk(f"'{node.name}' takes a non-constant argument '{arg.name}'")
+            todo.append(arg)
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    return sorted(chain, key=order.__getitem__)
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+def lift_chain(start: fx.Node, chain: list[fx.Node], name: str) -> fx.GraphModule:
+    """A one-input GraphModule that replays `chain` on its input (which stands for `start`)."""
+    graph = fx.Graph()
+    env = {start: graph.placeholder("x")}
+    for node in chain:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[chain[-1]] if chain else env[start])
+    return fx.GraphModule(torch.nn.Module(), graph, name)
+
+
+def only_used_by(nodes, allowed) -> fx.Node | None:
+    """The first user of any of `nodes` outside `nodes` and `allowed`, or None."""
+    inside = set(nodes) | set(allowed)
+    for node in nodes:
+        for user in node.users:
+            if user not in inside:
+                return user
+    return None
+
+
+def erase_unused(nodes) -> None:
+    """Erase `nodes` (now dead), users before their inputs."""
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
+        if not node.users:
+            node.graph.erase_node(node)
+
+
+_PATH_SEPARATOR = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
+
+
+def parameter_path(node) -> str:
+    """`model.layers.0.mlp.gate_proj.weight` from Dynamo's placeholder name for that parameter."""
+    if not isinstance(node, fx.Node):
+        return "?"
+    if node.op == "get_attr":
+        return str(node.target)
+    name = re.sub(r"^L_(self_)?", "", str(node.target)).rstrip("_")
+    return ".".join(p for p in _PATH_SEPARATOR.split(name) if p) or name
+
+
+def module_path(*weights) -> str:
+    """The module that owns a site: for one weight its layer, for several their common parent."""
+    drop = 1 if len(weights) == 1 else 2  # "lm_head.weight" -> lm_head; "mlp.up.weight" -> mlp
+    owners = [parameter_path(w).split(".")[:-drop] for w in weights]
+    return ".".join(os.path.commonprefix(owners)) or "<graph>"

@@ -1,0 +1,229 @@
+"""LM-head pass: linear -> cross_entropy, rewritten into a `ChunkedLinearCrossEntropy`.
+
+Between the head and the loss it sees through ops that act on each row of logits alone:
+views/reshapes/flatten/contiguous and leading-dim slicing ("row ops", replayed on the head's
+input instead) and elementwise ops with scalar arguments such as `.float()`, Granite's
+`/ logits_scaling` and Gemma-2's soft-cap `tanh(x / c) * c` (the "logit transform", applied per
+chunk). The labels are whatever the graph computes (HF's pad + shift included); they are untouched.
+
+Before (HF causal LM, training):
+
+    logits = torch._C._nn.linear(h, w_head, None)
+    logits_1 = logits.float()
+    logits_2 = logits_1.view(-1, 32000)
+    loss = F.cross_entropy(logits_2, labels, ignore_index=-100, reduction='mean')
+    return (loss, logits)
+
+After:
+
+    view = h.view(-1, 256)
+    mst_lm_head_0 = self.mst_lm_head_0(view, w_head, None, labels)
+    empty = torch.empty((0,), dtype=torch.float32, device=device(type='cpu'))
+    return (mst_lm_head_0, empty)
+
+In training the logits the model returns become that empty placeholder unless `keep_logits=True`,
+which leaves the site as it is (materialising N x V logits is what the rewrite exists to avoid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
+
+from .chunk_count import choose_chunks
+from .graph_utils import (
+    CantChunk,
+    Linear,
+    erase_unused,
+    example_value,
+    is_call,
+    is_elementwise_of,
+    match_linear,
+    module_path,
+    shape_of,
+    size_hint,
+)
+from .report import SiteReport
+
+log = logging.getLogger(__name__)
+
+_CROSS_ENTROPY = {F.cross_entropy}
+_CE_SIGNATURE = inspect.signature(F.cross_entropy)
+_ROW_METHODS = {"view", "reshape", "contiguous", "flatten"}
+
+
+@dataclasses.dataclass
+class LMHeadSite:
+    head: Linear
+    loss: fx.Node
+    target: fx.Node
+    row_ops: list[fx.Node]  # head output -> loss input, replayed on the head's input
+    transform: list[fx.Node]  # elementwise ops on the logits, applied per chunk
+    logits_outputs: list[fx.Node]  # nodes of the logits the graph returns
+    form: CrossEntropyForm
+    report: SiteReport
+
+
+def find_lm_head_sites(gm, chunks_option, training: bool, keep_logits: bool):
+    """Sites to rewrite, and reports of the cross-entropy sites left alone (with reasons)."""
+    sites, skipped = [], []
+    for node in gm.graph.nodes:
+        if not is_call(node, _CROSS_ENTROPY):
+            continue
+        try:
+            site = _match_lm_head(node, training, keep_logits)
+            r = site.report
+            r.chunks = choose_chunks(chunks_option, r.tokens, r.in_width, r.amplified_width, r.itemsize)
+        except CantChunk as why:
+            head = _find_head(node)
+            location = module_path(head.weight) if head else node.name
+            skipped.append(SiteReport("lm_head", location, False, str(why)))
+            continue
+        sites.append(site)
+    return sites, skipped
+
+
+def _cross_entropy_form(loss: fx.Node, transposed: bool) -> tuple[fx.Node, fx.Node, CrossEntropyForm]:
+    bound = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["weight"] is not None or a["size_average"] is not None or a["reduce"] is not None:
+        raise CantChunk("cross_entropy with class weights or legacy size_average/reduce")
+    if a["reduction"] not in ("mean", "sum"):
+        raise CantChunk(f"cross_entropy reduction={a['reduction']!r} (only 'mean' and 'sum')")
+    if not isinstance(a["ignore_index"], int) or not isinstance(a["label_smoothing"], (int, float)):
+        raise CantChunk("cross_entropy ignore_index / label_smoothing are not constants")
+    target = example_value(a["target"])
+    if target is None or target.dim() != 1 or target.dtype.is_floating_point:
+        raise CantChunk("cross_entropy target is not a 1-D tensor of class indices")
+    if len(shape_of(a["input"]) or ()) != 2:
+        raise CantChunk("cross_entropy input is not 2-D (tokens x vocabulary)")
+    form = CrossEntropyForm(a["reduction"], a["ignore_index"], float(a["label_smoothing"]), transposed)
+    return a["input"], a["target"], form
+
+
+def _walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]:
+    """(head, row ops, elementwise ops) from the loss input back to the linear that makes it."""
+    vocab = shape_of(logits)[-1]
+    row_ops, transform, node = [], [], logits
+    while (head := match_linear(node)) is None:
+        if node.op == "placeholder":
+            raise CantChunk("the logits come from outside this graph (a graph break before the loss)")
+        if _is_row_op(node, vocab):
+            row_ops.append(node)
+        elif is_elementwise_of(node, shape_of(node)) and _single_tensor_input(node) is not None:
+            transform.append(node)
+        else:
+            raise CantChunk(f"'{node.name}' between the LM head and the loss is not a per-row op")
+        node = node.args[0] if node in row_ops else _single_tensor_input(node)
+        if example_value(node) is None or shape_of(node)[-1] != vocab:
+            raise CantChunk(f"'{node.name}' before the loss does not keep the vocabulary dimension")
+    return head, row_ops[::-1], transform[::-1]
+
+
+def _is_row_op(node, vocab) -> bool:
+    """A reshape of leading dims, or a slice of them, that keeps each row of V logits whole."""
+    if example_value(node.args[0] if node.args else None) is None or shape_of(node)[-1] != vocab:
+        return False
+    if is_call(node, (), _ROW_METHODS):
+        return True  # input and output both end in V: only the leading dims were regrouped
+    if is_call(node, {operator.getitem}):
+        index = node.args[1]
+        full = slice(None, None, None)
+        return isinstance(index, tuple) and len(index) == len(shape_of(node)) and index[-1] == full and all(
+            isinstance(i, slice) and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))
+            for i in index
+        )
+    return False
+
+
+def _single_tensor_input(node) -> fx.Node | None:
+    tensors = [a for a in node.all_input_nodes if example_value(a) is not None]
+    return tensors[0] if len(tensors) == 1 else None
+
+
+def _find_head(loss) -> Linear | None:
+    try:
+        return _walk_to_head(_CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"])[0]
+    except (CantChunk, TypeError, IndexError):
+        return None
+
+
+def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSite:
+    logits_in = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"]
+    if example_value(logits_in) is None:
+        raise CantChunk("cross_entropy input has no example value")
+    head, row_ops, transform = _walk_to_head(logits_in)
+    logits_in, target, form = _cross_entropy_form(loss, head.transposed)
+    between = [*head.nodes, *row_ops, *transform]
+    logits_outputs = _logits_returned(between, loss)
+    if logits_outputs and not training:
+        raise CantChunk("the logits are an output of an inference graph (nothing to save)")
+    if logits_outputs and keep_logits:
+        raise CantChunk("the logits are a graph output and keep_logits=True")
+    x_shape, logits = shape_of(head.input), example_value(head.out)
+    report = SiteReport(
+        "lm_head", module_path(head.weight), True,
+        tokens=size_hint(shape_of(logits_in)[0]), in_width=size_hint(x_shape[-1]),
+        amplified_width=size_hint(logits.shape[-1]), itemsize=logits.element_size(),
+    )  # fmt: skip
+    return LMHeadSite(head, loss, target, row_ops, transform, logits_outputs, form, report)
+
+
+def _logits_returned(between: list[fx.Node], loss: fx.Node) -> list[fx.Node]:
+    """Nodes of the logits that the graph returns; CantChunk if anything else uses them."""
+    returned, inside = [], set(between) | {loss}
+    for node in between:
+        for user in node.users:
+            if user.op == "output":
+                returned.append(node)
+            elif user not in inside:
+                raise CantChunk(f"the logits are also used by '{user.name}'")
+    return returned
+
+
+def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int) -> None:
+    name = f"mst_lm_head_{index}"
+    gm.add_submodule(name, ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), site.report.chunks))
+    graph, head = gm.graph, site.head
+    with graph.inserting_before(site.loss):
+        rows = head.input
+        for op in site.row_ops:
+            rows = _replay_row_op(graph, op, rows, site.report.in_width)
+        chunked = graph.call_module(name, (rows, head.weight, head.bias, site.target))
+        if site.logits_outputs:
+            logits = example_value(head.out)
+            empty = graph.call_function(torch.empty, ((0,),), {"dtype": logits.dtype, "device": logits.device})
+            empty.meta["example_value"] = logits.new_empty((0,))
+    chunked.meta.update(site.loss.meta)
+    site.loss.replace_all_uses_with(chunked)
+    for node in site.logits_outputs:
+        node.replace_all_uses_with(empty)
+    erase_unused([site.loss, *site.transform, *site.row_ops, *head.nodes])
+
+
+def _replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> fx.Node:
+    """The same reshape or slice on the head's input: sizes keep their leading dims, end in d."""
+    if op.op == "call_method" and op.target in ("view", "reshape"):
+        sizes = op.args[1] if len(op.args) == 2 and isinstance(op.args[1], (tuple, list)) else op.args[1:]
+        return graph.call_method(op.target, (rows, *sizes[:-1], width))
+    return graph.create_node(op.op, op.target, (rows, *op.args[1:]), dict(op.kwargs))
+
+
+def _lift_transform(ops: list[fx.Node]) -> fx.GraphModule:
+    """The elementwise logit ops as a one-input graph (identity when there are none)."""
+    graph = fx.Graph()
+    current = graph.placeholder("logits")
+    for op in ops:
+        tensor_in = _single_tensor_input(op)
+        current = graph.node_copy(op, lambda n, cur=current, src=tensor_in: cur if n is src else n)
+    graph.output(current)
+    return fx.GraphModule(torch.nn.Module(), graph, "LogitTransform")

@@ -1,0 +1,69 @@
+"""Applies the rewrites to one Dynamo graph, in this order:
+
+1. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward).
+2. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
+
+The two never claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
+cross_entropy), so the order only fixes the order of the report. Every site is matched first, then
+all matched sites are rewritten; a site the matcher can't handle is reported with its reason and
+left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from mst_fx.options import MstOptions
+
+from .lm_head import find_lm_head_sites, rewrite_lm_head_site
+from .mlp import find_mlp_sites, rewrite_mlp_site
+from .report import GraphReport
+
+log = logging.getLogger(__name__)
+
+_already_logged: set[tuple] = set()
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> GraphReport:
+    """Rewrite `gm` in place; return what was found."""
+    report = GraphReport()
+    if options.mlp:
+        sites, skipped = find_mlp_sites(gm, options.chunks)
+        for index, site in enumerate(sites):
+            rewrite_mlp_site(gm, site, index)
+        report.sites += [s.report for s in sites] + skipped
+    if options.lm_head:
+        sites, skipped = find_lm_head_sites(gm, options.chunks, is_training(example_inputs), options.keep_logits)
+        for index, site in enumerate(sites):
+            rewrite_lm_head_site(gm, site, index)
+            if site.logits_outputs:
+                _log_once(("keep_logits",), "mst: %s returns empty logits in training to save their N x V "
+                          "memory; pass options={'keep_logits': True} to keep them", site.report.location)
+        report.sites += [s.report for s in sites] + skipped
+    gm.graph.lint()
+    gm.recompile()
+    _log_report(report)
+    return report
+
+
+def is_training(example_inputs) -> bool:
+    """Dynamo compiles separate graphs per grad mode; this one needs gradients if any input does."""
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
+
+
+def _log_report(report: GraphReport) -> None:
+    for site in report.sites:
+        if site.rewritten:
+            log.debug("mst: rewrote %s at %s into %d chunks", site.kind, site.location, site.chunks)
+        else:
+            _log_once((site.kind, site.location, site.reason), "mst: left %s at %s alone: %s",
+                      site.kind, site.location, site.reason)
+
+
+def _log_once(key: tuple, message: str, *args) -> None:
+    if key not in _already_logged:
+        _already_logged.add(key)
+        log.info(message, *args)

@@ -1,0 +1,209 @@
+"""MLP pass: linear -> elementwise activation -> linear, rewritten into a `ChunkedMLP`.
+
+Matched forms (any elementwise activation; biases or not; GPT-2's Conv1D counts as a linear):
+
+    gated   out = down(act(gate(x)) * up(x))          (either operand order)
+    fused   g, u = gate_up(x).chunk(2, -1); out = down(act(g) * u)
+    plain   out = down(act(fc(x)))
+
+Before (Llama's MLP in the Dynamo graph):
+
+    linear_4 = torch._C._nn.linear(x, w_gate, None)
+    silu = torch.nn.functional.silu(linear_4)
+    linear_5 = torch._C._nn.linear(x, w_up, None)
+    mul_11 = silu * linear_5
+    down_proj = torch._C._nn.linear(mul_11, w_down, None)
+
+After:
+
+    mst_mlp_0 = self.mst_mlp_0(x, w_gate, None, w_up, None, w_down, None)
+
+`self.mst_mlp_0` runs the same computation over M token chunks and recomputes each chunk's
+intermediates in backward (`mst_fx.chunked_ops.ChunkedMLP`); the activation is lifted verbatim into
+its own small graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+
+import torch
+from torch import fx
+
+from mst_fx.chunked_ops import ChunkedMLP, MLPForm
+
+from .chunk_count import choose_chunks
+from .graph_utils import (
+    CantChunk,
+    Linear,
+    elementwise_chain,
+    erase_unused,
+    example_value,
+    is_call,
+    is_elementwise_of,
+    lift_chain,
+    match_linear,
+    module_path,
+    numel_hint,
+    only_used_by,
+    shape_of,
+    size_hint,
+)
+from .report import SiteReport
+
+log = logging.getLogger(__name__)
+
+_MUL = {operator.mul, torch.mul}
+
+
+@dataclasses.dataclass
+class MLPSite:
+    x: fx.Node
+    gate: Linear
+    up: Linear | None
+    down: Linear
+    form: MLPForm
+    activation: fx.GraphModule
+    nodes: list[fx.Node]  # everything the rewrite replaces
+    report: SiteReport
+
+
+def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], list[SiteReport]]:
+    """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons)."""
+    sites, skipped = [], []
+    for node in gm.graph.nodes:
+        down = match_linear(node)
+        if down is None:
+            continue
+        try:
+            site = _match_mlp(down)
+        except CantChunk as why:
+            skipped.append(SiteReport("mlp", module_path(down.weight), False, str(why)))
+            continue
+        if site is None:
+            continue
+        try:
+            site.report.chunks = choose_chunks(
+                chunks_option, site.report.tokens, site.report.in_width,
+                site.report.amplified_width, site.report.itemsize,
+            )  # fmt: skip
+        except CantChunk as why:
+            site.report.rewritten, site.report.reason = False, str(why)
+            skipped.append(site.report)
+            continue
+        sites.append(site)
+    return sites, skipped
+
+
+def _match_mlp(down: Linear) -> MLPSite | None:
+    """The MLP ending in `down`; None when `down` is no MLP's second linear."""
+    hidden = down.input
+    if is_call(hidden, _MUL, ("mul", "__mul__")) and len(hidden.args) == 2 and not hidden.kwargs:
+        p, q = hidden.args
+        if example_value(p) is not None and example_value(q) is not None:
+            for act_side, up_side, act_first in ((p, q, True), (q, p, False)):
+                site = _match_gated(down, hidden, act_side, up_side, act_first)
+                if site is not None:
+                    return site
+    fc_out = _chain_source(hidden)
+    fc = match_linear(fc_out) if fc_out is not hidden else None
+    if fc is None:
+        return None  # not linear -> activation -> linear (or no activation at all)
+    chain = elementwise_chain(fc_out, hidden)
+    form = MLPForm(gated=False, fused=False, gate_index=0, act_first=True, transposed=fc.transposed)
+    return _site(down, fc, None, form, fc_out, chain, [])
+
+
+def _match_gated(down, product, act_side, up_side, act_first) -> MLPSite | None:
+    gate_out = _chain_source(act_side)
+    fused = _fused_halves(gate_out, up_side)
+    if fused is not None:
+        gate_up, split, gate_index = fused
+        chain = elementwise_chain(gate_out, act_side)
+        form = MLPForm(True, True, gate_index, act_first, gate_up.transposed)
+        return _site(down, gate_up, None, form, gate_out, chain, [product, split, gate_out, up_side])
+    gate, up = match_linear(gate_out), match_linear(up_side)
+    if gate is None or up is None or gate.out is up.out:
+        return None  # `x * sigmoid(1.702 * x)` (quick-GELU) is a plain MLP's activation
+    if gate.input is not up.input or gate.transposed != up.transposed:
+        return None
+    chain = elementwise_chain(gate_out, act_side)
+    form = MLPForm(True, False, 0, act_first, gate.transposed)
+    return _site(down, gate, up, form, gate_out, chain, [product])
+
+
+def _fused_halves(gate_half, up_half):
+    """(gate_up linear, chunk node, index of the gate half) for `gate_up(x).chunk(2, -1)`."""
+    halves = []
+    for half in (gate_half, up_half):
+        if not (is_call(half, {operator.getitem}) and isinstance(half.args[1], int)):
+            return None
+        halves.append(half)
+    split = gate_half.args[0]
+    if split is not up_half.args[0] or not _is_last_dim_halving(split):
+        return None
+    gate_up = match_linear(split.args[0])
+    if gate_up is None or {gate_half.args[1], up_half.args[1]} != {0, 1}:
+        return None
+    return gate_up, split, gate_half.args[1]
+
+
+def _is_last_dim_halving(node) -> bool:
+    if not is_call(node, {torch.chunk}, ("chunk",)):
+        return False
+    bound = dict(zip(("input", "chunks", "dim"), node.args)) | dict(node.kwargs)
+    ndim = len(shape_of(node.args[0]) or ())
+    return bound.get("chunks") == 2 and bound.get("dim", 0) in (-1, ndim - 1)
+
+
+def _chain_source(end: fx.Node) -> fx.Node | None:
+    """The one node that `end` is computed from by elementwise ops of its shape, if there is one."""
+    shape, leaves, seen, todo = shape_of(end), set(), set(), [end]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if is_elementwise_of(node, shape) and match_linear(node) is None:
+            todo.extend(a for a in node.all_input_nodes if example_value(a) is not None)
+        else:
+            leaves.add(node)
+    return leaves.pop() if len(leaves) == 1 else None
+
+
+def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
+    nodes = [*gate.nodes, *(up.nodes if up else []), *chain, *glue, *down.nodes]
+    escaped = only_used_by([n for n in nodes if n is not down.out], [down.out])
+    location = module_path(gate.weight, down.weight)
+    kind = "mlp fused" if form.fused else "mlp gated" if form.gated else "mlp plain"
+    if escaped is not None:
+        raise CantChunk(f"an intermediate of {kind} is also used by '{escaped.name}'")
+    x_shape = shape_of(gate.input)
+    if x_shape is None or len(x_shape) < 2:
+        raise CantChunk(f"{kind}: the input has no usable shape")
+    hidden = example_value(act_in)
+    report = SiteReport(
+        kind, location, True, None, None,
+        tokens=numel_hint(x_shape[:-1]), in_width=size_hint(x_shape[-1]),
+        amplified_width=size_hint(hidden.shape[-1]), itemsize=hidden.element_size(),
+    )  # fmt: skip
+    activation = lift_chain(act_in, chain, "Activation")
+    return MLPSite(gate.input, gate, up, down, form, activation, nodes, report)
+
+
+def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int) -> None:
+    name = f"mst_mlp_{index}"
+    gm.add_submodule(name, ChunkedMLP(site.form, site.activation, site.report.chunks))
+    up = site.up
+    args = (
+        site.x, site.gate.weight, site.gate.bias,
+        up.weight if up else None, up.bias if up else None,
+        site.down.weight, site.down.bias,
+    )  # fmt: skip
+    with gm.graph.inserting_before(site.down.out):
+        chunked = gm.graph.call_module(name, args)
+    chunked.meta.update(site.down.out.meta)
+    site.down.out.replace_all_uses_with(chunked)
+    erase_unused(site.nodes)
