@@ -21,6 +21,18 @@ from mst_fx.passes import GraphReport, run_passes
 
 log = logging.getLogger(__name__)
 
+_recent_reports: list[GraphReport] = []
+_KEPT_REPORTS = 64
+
+
+def compiled_reports() -> list[GraphReport]:
+    """Reports of the graphs this process compiled with mst, oldest first (the last 64)."""
+    return list(_recent_reports)
+
+
+def clear_reports() -> None:
+    _recent_reports.clear()
+
 
 def mst_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
     """The entry point `torch.compile(backend="mst")` calls; `options` come from torch.compile."""
@@ -41,14 +53,19 @@ def backend(**options):
 
 def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None):
     rewritten, report = rewrite(gm, example_inputs, options)
-    if rewritten is gm:
-        return hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
     try:
-        return hand_off(rewritten, example_inputs, options.compiler, mode, recompute=bool(report.rewritten("mlp")))
+        compiled = hand_off(rewritten, example_inputs, options.compiler, mode, bool(report.rewritten("mlp")))
+    except torch._dynamo.exc.RestartAnalysis:
+        raise  # Dynamo's own control flow (it traces again), not a failure
     except Exception as error:  # the compiler rejected our graph: compile the user's instead
+        if rewritten is gm:
+            raise
         log.warning("mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten",
                     type(error).__name__, error)
-        return hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
+        compiled, report = hand_off(gm, example_inputs, options.compiler, mode, recompute=False), GraphReport()
+    _recent_reports.append(report)
+    del _recent_reports[:-_KEPT_REPORTS]
+    return compiled
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx.GraphModule, GraphReport]:
@@ -65,8 +82,11 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx
     return (work if report.rewritten() else gm), report
 
 
-def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool):
+def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool, on_forward_graph=None):
     """Compile with the chosen compiler.
+
+    `on_forward_graph(graph_module)`: with "aot_eager", called with the partitioned forward graph,
+    whose outputs past the user's are what is saved for backward.
 
     `recompute`: the graph holds per-chunk recomputation for backward. AOTAutograd's joint-graph
     CSE would merge each recomputed matmul with its forward twin, and the partitioner would then
@@ -81,10 +101,10 @@ def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute:
 
             patches = torch._inductor.list_mode_options(mode) if mode else None
             return compile_fx(gm, example_inputs, config_patches=patches)
-        return _aot_eager(gm, example_inputs)
+        return _aot_eager(gm, example_inputs, on_forward_graph)
 
 
-def _aot_eager(gm, example_inputs):
+def _aot_eager(gm, example_inputs, on_forward_graph=None):
     """AOTAutograd without codegen, partitioned as Inductor partitions (min-cut), so what is saved
     for backward is what Inductor would save."""
     from torch._dynamo.backends.common import aot_autograd
@@ -94,8 +114,13 @@ def _aot_eager(gm, example_inputs):
     def nop(graph_module, _inputs):
         return graph_module
 
+    def forward(graph_module, _inputs):
+        if on_forward_graph is not None:
+            on_forward_graph(graph_module)
+        return graph_module
+
     compiler = aot_autograd(
-        fw_compiler=make_boxed_compiler(nop),
+        fw_compiler=make_boxed_compiler(forward),
         bw_compiler=make_boxed_compiler(nop),
         partition_fn=min_cut_rematerialization_partition,
     )

@@ -34,11 +34,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> 
     return torch.addmm(bias, x, weight)
 
 
-def split_rows(rows: Tensor, chunks: int) -> Sequence[Tensor]:
-    """M nearly equal row ranges (the first N % M get one more row); fewer when N < M."""
-    if isinstance(rows.shape[0], int):
-        chunks = max(1, min(chunks, rows.shape[0]))
-    return rows.tensor_split(chunks)
+def split_rows(rows: Tensor, chunks: int) -> list[Tensor]:
+    """M row ranges: M - 1 of N // M rows, the last one takes the N % M rows left over.
+
+    Written without branching on N, so a symbolic (dynamic) token count gets no guards on it and
+    one compiled graph serves every length. With a static N < M, M becomes N.
+    """
+    n = rows.shape[0]
+    if isinstance(n, int):
+        chunks = max(1, min(chunks, n))
+    size = n // chunks
+    pieces = [rows.narrow(0, i * size, size) for i in range(chunks - 1)]
+    return pieces + [rows.narrow(0, (chunks - 1) * size, n - (chunks - 1) * size)]
 
 
 def _detached(tensors: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:

@@ -1,0 +1,53 @@
+"""Shared test helpers: compile with mst, run one training step, compare with eager."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+
+import mst_fx
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    mst_fx.clear_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_parity(model, call, inputs, rtol=1e-5, atol=1e-6, compile_kwargs=None, **options):
+    """One training step under mst and in eager: same loss, same gradient for every parameter.
+
+    Returns how many sites of each kind the backend rewrote."""
+    reference = copy.deepcopy(model)
+    expected = call(reference, *inputs)
+    expected.backward()
+    options = {"compiler": "aot_eager", **options}
+    compiled = torch.compile(model, backend=mst_fx.backend(**options), **(compile_kwargs or {}))
+    got = call(compiled, *inputs)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0, equal_nan=True)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)
+    return rewritten_kinds()
+
+
+def rewritten_kinds() -> collections.Counter:
+    return collections.Counter(s.kind for r in mst_fx.compiled_reports() for s in r.rewritten())
+
+
+def skipped_reasons() -> list[str]:
+    return [f"{s.kind}: {s.reason}" for r in mst_fx.compiled_reports() for s in r.left_alone()]
+
+
+def loss_of(model, ids, labels):
+    """Loss of a model called as model(ids, labels) or, for HF models, model(ids, labels=labels)."""
+    if hasattr(model, "config") or hasattr(getattr(model, "_orig_mod", None), "config"):
+        return model(ids, labels=labels).loss
+    return model(ids, labels)

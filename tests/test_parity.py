@@ -1,0 +1,142 @@
+"""Loss and every parameter's gradient under mst equal eager PyTorch's (fp32, rtol 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mst_fx
+from conftest import assert_parity, loss_of, skipped_reasons
+from mst_fx.models import GeluMLP, MLPStack, SwiGLU, random_batch, tiny_gpt2, tiny_llama
+
+VOCAB = 500
+
+
+class FusedGateUp(nn.Module):
+    """Phi-3's MLP: one gate_up linear split with chunk(2, -1); product written up * act."""
+
+    def __init__(self, d, intermediate, bias=False):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * intermediate, bias=bias)
+        self.down = nn.Linear(intermediate, d, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.gelu(gate, approximate="tanh"))
+
+
+class QuickGelu(nn.Module):
+    def __init__(self, d, intermediate, bias=True):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, intermediate, bias=bias), nn.Linear(intermediate, d, bias=bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.proj(h * torch.sigmoid(1.702 * h))
+
+
+class ReluSquared(QuickGelu):
+    def forward(self, x):
+        return self.proj(torch.relu(self.fc(x)) ** 2)
+
+
+class CappedHead(nn.Module):
+    """A head with Granite's scaling, Gemma-2's soft-cap and label smoothing before the loss."""
+
+    def __init__(self, vocab=VOCAB, d=32, cap=30.0, scale=2.0, smoothing=0.1):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab, bias=False)
+        self.cap, self.scale, self.smoothing = cap, scale, smoothing
+
+    def forward(self, ids, labels):
+        logits = self.head(self.embed(ids)) / self.scale
+        logits = torch.tanh(logits / self.cap) * self.cap
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
+                               label_smoothing=self.smoothing)
+
+
+def stack(mlp, bias=False):
+    torch.manual_seed(0)
+    return MLPStack(vocab=VOCAB, d=32, intermediate=96, layers=2, mlp=mlp, bias=bias)
+
+
+@pytest.mark.parametrize(
+    "build, kinds",
+    [
+        (lambda: stack(SwiGLU), {"mlp gated": 2, "lm_head": 1}),
+        (lambda: stack(GeluMLP, bias=True), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: stack(FusedGateUp), {"mlp fused": 2, "lm_head": 1}),
+        (lambda: stack(QuickGelu), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: stack(ReluSquared), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB), {"mlp gated": 2, "lm_head": 1}),
+        (lambda: tiny_gpt2(hidden=32, layers=2, vocab=VOCAB), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: CappedHead(), {"lm_head": 1}),
+    ],
+    ids=["swiglu", "gelu-bias", "fused-gate-up", "quick-gelu", "relu-squared", "hf-llama", "hf-gpt2-conv1d",
+         "softcap-scale-smoothing"],
+)
+def test_models_match_eager_and_are_rewritten(build, kinds):
+    torch.manual_seed(0)
+    model = build()
+    inputs = random_batch(VOCAB, batch=2, tokens=37, ignore_every=7)  # 74 tokens, 4 chunks: uneven
+    assert assert_parity(model, loss_of, inputs, chunks=4) == kinds
+
+
+@pytest.mark.parametrize("batch, tokens, chunks", [(1, 3, 8), (3, 16, 5), (1, 64, 1)],
+                         ids=["fewer-tokens-than-chunks", "batch-3-uneven", "one-chunk"])
+def test_chunking_edge_cases(batch, tokens, chunks):
+    inputs = random_batch(VOCAB, batch, tokens, ignore_every=3)
+    assert assert_parity(stack(SwiGLU), loss_of, inputs, chunks=chunks)["lm_head"] == 1
+
+
+def test_all_labels_ignored_gives_what_pytorch_gives():
+    ids, labels = random_batch(VOCAB, 2, 20)
+    labels.fill_(-100)  # mean over no label: PyTorch says NaN, with zero gradients
+    assert assert_parity(stack(GeluMLP, bias=True), loss_of, (ids, labels), chunks=4)["lm_head"] == 1
+
+
+def test_hf_sum_reduction_divided_by_num_items_in_batch():
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, intermediate=96, layers=1, vocab=VOCAB)
+    ids, labels = random_batch(VOCAB, 2, 30, ignore_every=5)
+    count = torch.tensor(int((labels[:, 1:] != -100).sum()) + 7)  # as if more batches were accumulated
+
+    def call(m, ids, labels):
+        return m(ids, labels=labels, num_items_in_batch=count).loss
+
+    assert assert_parity(model, call, (ids, labels), chunks=3)["lm_head"] == 1
+
+
+def test_auto_chunks_leave_tiny_sites_alone_with_a_reason():
+    inputs = random_batch(VOCAB, 1, 16)
+    assert not assert_parity(stack(GeluMLP, bias=True), loss_of, inputs)  # chunks="auto"
+    assert any("too few tokens" in r for r in skipped_reasons())
+
+
+def test_dynamic_lengths_share_one_graph():
+    model = stack(SwiGLU)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="aot_eager"), dynamic=True)
+    for tokens in (37, 50):
+        ids, labels = random_batch(VOCAB, 2, tokens, ignore_every=7, seed=tokens)
+        got, expected = compiled(ids, labels), reference(ids, labels)
+        got.backward(), expected.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    (report,) = mst_fx.compiled_reports()  # the second length reused the first graph
+    assert {s.kind for s in report.rewritten()} == {"mlp gated", "lm_head"}
+
+
+@pytest.mark.parametrize("build", [lambda: stack(SwiGLU),
+                                   lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB)],
+                         ids=["swiglu", "hf-llama"])
+def test_inductor_end_to_end(build):
+    torch.manual_seed(0)
+    inputs = random_batch(VOCAB, 2, 37, ignore_every=7)
+    kinds = assert_parity(build(), loss_of, inputs, chunks=4, compiler="inductor")
+    assert kinds["lm_head"] == 1 and kinds["mlp gated"] == 2
