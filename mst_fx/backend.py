@@ -85,23 +85,37 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx
 def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool, on_forward_graph=None):
     """Compile with the chosen compiler.
 
-    `on_forward_graph(graph_module)`: with "aot_eager", called with the partitioned forward graph,
-    whose outputs past the user's are what is saved for backward.
-
     `recompute`: the graph holds per-chunk recomputation for backward. AOTAutograd's joint-graph
-    CSE would merge each recomputed matmul with its forward twin, and the partitioner would then
-    save every chunk's intermediates: the rewrite would run and save nothing. So CSE is off for it.
+    CSE would merge each recomputed matmul with its forward twin (under Inductor, whose joint
+    passes strip the detaches that otherwise tell them apart), and the partitioner would then save
+    every chunk's intermediates: the rewrite would run and save nothing. So CSE is off for it.
+
+    `on_forward_graph(graph_module)`: called with the partitioned forward graph, whose outputs past
+    the user's are what is saved for backward (caches are bypassed so that it always runs).
     """
     if compiler == "eager":
         return gm.forward
     no_cse = torch._functorch.config.patch(cse=False) if recompute else contextlib.nullcontext()
     with no_cse:
         if compiler == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            patches = torch._inductor.list_mode_options(mode) if mode else None
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            return _inductor(gm, example_inputs, mode, on_forward_graph)
         return _aot_eager(gm, example_inputs, on_forward_graph)
+
+
+def _inductor(gm, example_inputs, mode, on_forward_graph):
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if on_forward_graph is None:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+    def observing_inner_compile(graph_module, inputs, **kwargs):
+        if not kwargs.get("is_backward", False):
+            on_forward_graph(graph_module)
+        return compile_fx_inner(graph_module, inputs, **kwargs)
+
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, observing_inner_compile, {**patches, "fx_graph_cache": False})
 
 
 def _aot_eager(gm, example_inputs, on_forward_graph=None):

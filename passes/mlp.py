@@ -125,6 +125,8 @@ def _match_gated(down, product, act_side, up_side, act_first) -> MLPSite | None:
         form = MLPForm(True, True, gate_index, act_first, gate_up.transposed)
         return _site(down, gate_up, None, form, gate_out, chain, [product, split, gate_out, up_side])
     gate, up = match_linear(gate_out), match_linear(up_side)
+    if gate is None and up is not None:
+        _explain_near_miss(act_side, up.input)
     if gate is None or up is None or gate.out is up.out:
         return None  # `x * sigmoid(1.702 * x)` (quick-GELU) is a plain MLP's activation
     if gate.input is not up.input or gate.transposed != up.transposed:
@@ -171,6 +173,23 @@ def _chain_source(end: fx.Node) -> fx.Node | None:
         else:
             leaves.add(node)
     return leaves.pop() if len(leaves) == 1 else None
+
+
+def _explain_near_miss(act_side: fx.Node, x: fx.Node) -> None:
+    """CantChunk naming the op that hides a gate linear on `x` behind the activation, if one does."""
+    blocker, node = None, act_side
+    while node is not None and node is not x:
+        linear = match_linear(node)
+        if linear is not None:
+            if linear.input is x and blocker is not None:
+                random = "dropout" in str(blocker.target) or "rand" in str(blocker.target)
+                why = "is random: a recompute would draw a different mask" if random else "is not elementwise"
+                raise CantChunk(f"'{blocker.name}' between the linears {why}")
+            return
+        if blocker is None and not is_elementwise_of(node, shape_of(act_side)):
+            blocker = node
+        tensors = [a for a in node.all_input_nodes if example_value(a) is not None]
+        node = tensors[0] if tensors else None
 
 
 def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:

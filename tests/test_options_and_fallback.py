@@ -1,0 +1,141 @@
+"""Bad options raise a clear ValueError; graphs the passes can't handle compile unrewritten."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mst_fx
+from conftest import assert_parity, loss_of, skipped_reasons
+from mst_fx.models import MLPStack, SwiGLU, random_batch, tiny_llama
+
+VOCAB = 300
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [({"chunks": 0}, "chunks"), ({"chunks": "many"}, "chunks"), ({"chunks": True}, "chunks"),
+     ({"mlp": "yes"}, "mlp"), ({"keep_logits": 1}, "keep_logits"), ({"compiler": "tvm"}, "compiler"),
+     ({"chunk": 4}, "chunk")],
+)
+def test_bad_options_raise_value_error_naming_the_option(options, named):
+    with pytest.raises(ValueError, match=named):
+        mst_fx.backend(**options)
+    model = torch.compile(nn.Linear(4, 4), backend="mst", options=options)
+    with pytest.raises(Exception) as caught:  # validated on the first call; Dynamo wraps it
+        model(torch.randn(2, 4))
+    cause = caught.value
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+    assert isinstance(cause, ValueError) and named in str(cause)
+
+
+def test_backend_is_found_by_name_without_import():
+    import subprocess
+    import sys
+
+    code = "import torch; assert 'mst' in torch._dynamo.list_backends(); import sys; assert 'mst_fx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class LeakyMLP(nn.Module):
+    """An MLP whose hidden activation is also used elsewhere: it must stay whole."""
+
+    def __init__(self, d=32, intermediate=96):
+        super().__init__()
+        self.inner = SwiGLU(d, intermediate)
+        self.probe = nn.Linear(intermediate, 1)
+
+    def forward(self, x):
+        h = F.silu(self.inner.gate(x)) * self.inner.up(x)
+        return self.inner.down(h) + self.probe(h).mean()
+
+
+class DropoutMLP(SwiGLU):
+    def forward(self, x):
+        return self.down(F.dropout(F.silu(self.gate(x)), p=0.1, training=True) * self.up(x))
+
+
+class WeightedLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+        self.register_buffer("class_weight", torch.rand(VOCAB))
+
+    def forward(self, ids, labels):
+        return F.cross_entropy(self.head(self.embed(ids)).view(-1, VOCAB), labels.view(-1), weight=self.class_weight)
+
+
+def stack_of(block):
+    torch.manual_seed(0)
+    model = MLPStack(vocab=VOCAB, d=32, intermediate=96, layers=1)
+    model.blocks[0] = block
+    return model
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [(stack_of(LeakyMLP()), "also used by"), (WeightedLoss(), "class weights")],
+    ids=["intermediate-used-elsewhere", "class-weights"],
+)
+def test_unsupported_sites_stay_whole_with_a_reason(model, reason):
+    inputs = random_batch(VOCAB, 2, 20, ignore_every=5)
+    assert_parity(model, loss_of, inputs, chunks=4)
+    assert any(reason in r for r in skipped_reasons()), skipped_reasons()
+
+
+def test_random_activation_is_not_recomputed():
+    torch.manual_seed(0)
+    model = torch.compile(stack_of(DropoutMLP(32, 96)), backend=mst_fx.backend(chunks=4, compiler="aot_eager"))
+    loss_of(model, *random_batch(VOCAB, 2, 20)).backward()
+    (report,) = mst_fx.compiled_reports()
+    assert [s.kind for s in report.rewritten()] == ["lm_head"]
+    assert any("dropout" in r for r in skipped_reasons()), skipped_reasons()
+
+
+def test_a_failing_pass_leaves_the_graph_unrewritten_and_says_so(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr("mst_fx.passes.manager.find_mlp_sites", broken)
+    with caplog.at_level(logging.WARNING, logger="mst_fx"):
+        kinds = assert_parity(stack_of(SwiGLU(32, 96)), loss_of, random_batch(VOCAB, 2, 20), chunks=4)
+    assert not kinds
+    assert [r.getMessage() for r in caplog.records if "unrewritten" in r.getMessage()] == [
+        "mst: a pass failed on this graph (RuntimeError: simulated bug); compiling it unrewritten"
+    ]
+
+
+def llama():
+    torch.manual_seed(0)
+    return tiny_llama(hidden=32, intermediate=96, layers=1, vocab=VOCAB)
+
+
+def test_training_returns_empty_logits_by_default():
+    model = torch.compile(llama(), backend=mst_fx.backend(chunks=4, compiler="aot_eager"))
+    out = model(*random_batch(VOCAB, 1, 16)[:1], labels=random_batch(VOCAB, 1, 16)[1])
+    assert out.logits.numel() == 0 and out.loss.requires_grad
+
+
+def test_keep_logits_returns_the_real_logits_and_leaves_the_head_alone():
+    ids, labels = random_batch(VOCAB, 1, 16)
+    model = llama()
+    expected = model(ids, labels=labels).logits
+    out = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="aot_eager", keep_logits=True))(
+        ids, labels=labels)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    assert any("keep_logits=True" in r for r in skipped_reasons())
+
+
+def test_no_grad_keeps_logits():
+    ids, labels = random_batch(VOCAB, 1, 16)
+    model = llama()
+    with torch.no_grad():
+        expected = model(ids, labels=labels)
+        got = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="aot_eager"))(ids, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=0)

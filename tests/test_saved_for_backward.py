@@ -1,0 +1,71 @@
+"""The rewrite shrinks what the partitioned forward graph saves for backward.
+
+This is the recompute trap of shared/NOTES.md section 1: written the obvious way, per-chunk
+recompute is merged back by AOTAutograd's CSE and every chunk's intermediates are saved anyway.
+Measured on Inductor's partitioned forward graph (bytes of its outputs), so it is exact and
+repeatable. Inductor's path matters: its joint-graph passes are what expose the trap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import mst_fx
+from mst_fx.backend import hand_off
+from mst_fx.models import MLPStack, random_batch
+
+
+def dynamo_graph(model, *inputs):
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(model, backend=capture)(*inputs)
+    (graph,) = captured
+    return graph
+
+
+def forward_output_bytes(gm, example_inputs, recompute: bool, compiler: str = "inductor") -> int:
+    """Bytes the forward graph returns: the loss plus everything saved for backward."""
+    seen = []
+
+    def on_forward_graph(forward: fx.GraphModule):
+        (output,) = [n for n in forward.graph.nodes if n.op == "output"]
+        values = [a.meta.get("val") for a in output.args[0] if isinstance(a, fx.Node)]
+        seen.append(sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)))
+
+    hand_off(gm, example_inputs, compiler, None, recompute, on_forward_graph=on_forward_graph)
+    return seen[0]
+
+
+def test_rewrite_saves_a_fraction_of_what_the_original_saves():
+    torch.manual_seed(0)
+    model = MLPStack(vocab=4000, d=64, intermediate=256, layers=2)
+    gm, inputs = dynamo_graph(model, *random_batch(4000, 1, 1024))
+    original = forward_output_bytes(gm, inputs, recompute=False)
+
+    rewritten, report = mst_fx.rewrite(gm, inputs, mst_fx.MstOptions(chunks=8))
+    assert len(report.rewritten()) == 3
+    chunked = forward_output_bytes(rewritten, inputs, recompute=True)  # as the backend hands it off
+
+    # Original: logits (N x V) and per MLP ~4 N x I tensors. Rewritten: the MLP inputs (N x d), the
+    # head's gradients (N x d + V x d) and small things.
+    n, d, i, v = 1024, 64, 256, 4000
+    assert original > 4 * (n * v + 2 * 3 * n * i)
+    assert chunked < 4 * (2 * n * d + (n + v) * d + 2 * n * d) + 64 * 1024
+    assert chunked < 0.25 * original
+
+
+def test_joint_graph_cse_is_what_would_undo_the_mlp_rewrite():
+    torch.manual_seed(0)
+    model = MLPStack(vocab=64, d=64, intermediate=512, layers=2)
+    gm, inputs = dynamo_graph(model, *random_batch(64, 1, 1024))
+    rewritten, _ = mst_fx.rewrite(gm, inputs, mst_fx.MstOptions(chunks=8, lm_head=False))
+    with_cse = forward_output_bytes(rewritten, inputs, recompute=False)
+    without_cse = forward_output_bytes(rewritten, inputs, recompute=True)
+    # With CSE the recomputed matmuls merge into the forward's and their N x I outputs are saved.
+    assert with_cse > 2 * 2 * 1024 * 512 * 4
+    assert without_cse < with_cse / 4
