@@ -58,7 +58,7 @@ def main(argv=None) -> int:
           f"intermediate={args.intermediate} vocab={args.vocab} layers={args.layers} dtype={args.dtype} "
           f"device={args.device} torch={torch.__version__} machine={platform.machine()} cores={_cores()}")
     print(tabulate(rows, headers=["variant", "peak MB", "peak / inductor", "step s", "time / inductor", "loss"],
-                   tablefmt="github"))
+                   tablefmt="github", disable_numparse=True))
     return 0
 
 
