@@ -4,8 +4,14 @@
     model = torch.compile(model, backend=mst_fx.backend(chunks=8))
 """
 
-from mst_fx.backend import backend, clear_reports, compiled_reports, mst_backend, rewrite
+from mst_fx.dynamo_backend import (
+    backend,
+    clear_reports,
+    compiled_reports,
+    mst_backend,
+    rewrite,
+)
 from mst_fx.options import MstOptions
 
-__all__ = ["backend", "mst_backend", "rewrite", "compiled_reports", "clear_reports", "MstOptions"]
+__all__ = ["MstOptions", "backend", "clear_reports", "compiled_reports", "mst_backend", "rewrite"]
 __version__ = "0.1.0"

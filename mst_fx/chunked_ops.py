@@ -12,13 +12,13 @@ Each is an `nn.Module` (so the rewritten graph reads `self.mst_mlp_0(x, ...)`) w
 
 AOTAutograd traces through both. The MLP's recompute is, op for op, the forward's computation, so
 joint-graph CSE would merge them back; the backend turns CSE off when it hands off a graph with an
-MLP rewrite (see `mst_fx.backend`).
+MLP rewrite (see `mst_fx.dynamo_backend`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(transform(x @ W.T + b), y) with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, head: "ChunkedLinearCrossEntropy", x: Tensor, weight: Tensor, bias, target: Tensor):
+    def forward(ctx, head: ChunkedLinearCrossEntropy, x: Tensor, weight: Tensor, bias, target: Tensor):
         needs = ctx.needs_input_grad[1:4]
         form = head.form
         counted = (target != form.ignore_index).sum()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -38,7 +39,7 @@ class MstOptions:
             raise ValueError(f"mst option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any] | None) -> "MstOptions":
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> MstOptions:
         options = dict(options or {})
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))

@@ -3,4 +3,4 @@
 from .manager import run_passes
 from .report import GraphReport, SiteReport
 
-__all__ = ["run_passes", "GraphReport", "SiteReport"]
+__all__ = ["GraphReport", "SiteReport", "run_passes"]

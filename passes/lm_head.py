@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import operator
 
 import torch
@@ -52,8 +51,6 @@ from .graph_utils import (
     size_hint,
 )
 from .report import SiteReport
-
-log = logging.getLogger(__name__)
 
 _CROSS_ENTROPY = {F.cross_entropy}
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)

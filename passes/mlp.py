@@ -26,7 +26,6 @@ its own small graph.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import operator
 
 import torch
@@ -52,8 +51,6 @@ from .graph_utils import (
     size_hint,
 )
 from .report import SiteReport
-
-log = logging.getLogger(__name__)
 
 _MUL = {operator.mul, torch.mul}
 
@@ -138,11 +135,9 @@ def _match_gated(down, product, act_side, up_side, act_first) -> MLPSite | None:
 
 def _fused_halves(gate_half, up_half):
     """(gate_up linear, chunk node, index of the gate half) for `gate_up(x).chunk(2, -1)`."""
-    halves = []
     for half in (gate_half, up_half):
         if not (is_call(half, {operator.getitem}) and isinstance(half.args[1], int)):
             return None
-        halves.append(half)
     split = gate_half.args[0]
     if split is not up_half.args[0] or not _is_last_dim_halving(split):
         return None

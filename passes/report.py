@@ -36,3 +36,7 @@ class GraphReport:
 
     def left_alone(self) -> list[SiteReport]:
         return [s for s in self.sites if not s.rewritten]
+
+    def undone(self, reason: str) -> GraphReport:
+        """The same sites, every rewrite taken back for `reason`."""
+        return GraphReport([dataclasses.replace(s, rewritten=False, reason=s.reason or reason) for s in self.sites])

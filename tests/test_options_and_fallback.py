@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_parity, loss_of, skipped_reasons
 from torch import nn
 
 import mst_fx
-from conftest import assert_parity, loss_of, skipped_reasons
 from mst_fx.models import MLPStack, SwiGLU, random_batch, tiny_llama
 
 VOCAB = 300
@@ -139,3 +139,18 @@ def test_no_grad_keeps_logits():
         got = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="aot_eager"))(ids, labels=labels)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=0)
+
+
+def test_a_rewritten_graph_the_compiler_rejects_is_compiled_unrewritten(monkeypatch):
+    import mst_fx.dynamo_backend as backend
+
+    real_hand_off = backend.hand_off
+
+    def picky_hand_off(gm, *args, **kwargs):
+        if any(name.startswith("mst_") for name, _ in gm.named_children()):
+            raise RuntimeError("simulated compiler failure")
+        return real_hand_off(gm, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "hand_off", picky_hand_off)
+    assert not assert_parity(stack_of(SwiGLU(32, 96)), loss_of, random_batch(VOCAB, 2, 20), chunks=4)
+    assert any("compiler rejected" in r for r in skipped_reasons()), skipped_reasons()

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_parity, loss_of, skipped_reasons
 from torch import nn
 
 import mst_fx
-from conftest import assert_parity, loss_of, skipped_reasons
 from mst_fx.models import GeluMLP, MLPStack, SwiGLU, random_batch, tiny_gpt2, tiny_llama
 
 VOCAB = 500

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 import mst_fx
-from mst_fx.backend import hand_off
+from mst_fx.dynamo_backend import hand_off
 from mst_fx.models import MLPStack, random_batch
 
 

@@ -15,9 +15,8 @@ import platform
 import sys
 
 import torch
-from tabulate import tabulate
-
 from step_runner import VARIANTS, RunSpec, run_in_child
+from tabulate import tabulate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tabulate import tabulate
-
 from step_runner import RunSpec, run_in_child
+from tabulate import tabulate
 
 
 def main(argv=None) -> int:

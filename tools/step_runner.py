@@ -66,13 +66,13 @@ def build(spec: RunSpec):
     torch.manual_seed(spec.seed)
     if spec.model == "mlp-stack":
         model = models.MLPStack(spec.vocab, spec.hidden, spec.intermediate, spec.layers)
-        loss_fn = lambda m, ids, labels: m(ids, labels)  # noqa: E731
+        loss_fn = lambda m, ids, labels: m(ids, labels)
     elif spec.model in ("llama", "gpt2"):
         if spec.model == "llama":
             model = models.tiny_llama(spec.hidden, spec.intermediate, spec.layers, spec.vocab)
         else:
             model = models.tiny_gpt2(spec.hidden, spec.layers, spec.vocab)
-        loss_fn = lambda m, ids, labels: m(ids, labels=labels).loss  # noqa: E731
+        loss_fn = lambda m, ids, labels: m(ids, labels=labels).loss
     else:
         raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama or gpt2")
     ids, labels = models.random_batch(spec.vocab, spec.batch, spec.tokens, ignore_every=7, seed=spec.seed)

@@ -62,7 +62,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
             raise
         log.warning("mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten",
                     type(error).__name__, error)
-        compiled, report = hand_off(gm, example_inputs, options.compiler, mode, recompute=False), GraphReport()
+        compiled = hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
+        report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     _recent_reports.append(report)
     del _recent_reports[:-_KEPT_REPORTS]
     return compiled
