@@ -59,6 +59,16 @@ def _grads(output: Tensor, inputs: Sequence[Tensor | None], needs: Sequence[bool
     return [next(found) if need and t is not None else None for t, need in zip(inputs, needs)]
 
 
+def _autocast_state(device_type: str) -> dict:
+    """The autocast state for `device_type` now, as `torch.autocast(**state)` arguments."""
+    return {
+        "device_type": device_type,
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+        "cache_enabled": torch.is_autocast_cache_enabled(),
+    }
+
+
 def _accumulate(total: Tensor | None, part: Tensor | None) -> Tensor | None:
     if part is None:
         return total
@@ -71,7 +81,7 @@ class _RecomputedChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn: Callable, chunks: int, x: Tensor, *params: Tensor | None) -> Tensor:
-        ctx.fn, ctx.chunks = fn, chunks
+        ctx.fn, ctx.chunks, ctx.autocast = fn, chunks, _autocast_state(x.device.type)
         ctx.save_for_backward(x, *params)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.cat([fn(piece, *params) for piece in split_rows(rows, chunks)])
@@ -85,7 +95,9 @@ class _RecomputedChunks(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x_parts, grad_params = [], [None] * len(params)
         for piece, grad_piece in zip(split_rows(rows, ctx.chunks), split_rows(grad_rows, ctx.chunks)):
-            with torch.enable_grad():
+            # The recompute runs in the forward's autocast state (as torch.utils.checkpoint does),
+            # whatever the state is when backward runs: its ops must have the forward's dtypes.
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 inputs = _detached([piece, *params], needs)
                 out = ctx.fn(*inputs)
             grad_piece_x, *grad_piece_params = _grads(out, inputs, needs, grad_piece)
@@ -155,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Gradients of the mean come out scaled in forward. An all-ignored batch has all-zero
         # gradients, as in PyTorch: clamp so that 0 * (1 / 0) does not turn them into NaN.
         grad_scale = 1.0 / counted.clamp(min=1).float() if form.reduction == "mean" else counted.new_ones(())
-        total = x.new_zeros((), dtype=torch.float32)
+        total = x.new_zeros((), dtype=torch.float32)  # the loss accumulates in fp32 whatever its dtype
         grad_x_parts, grad_w, grad_b = [], None, None
         for x_piece, y_piece in zip(split_rows(x, head.chunks), split_rows(target, head.chunks)):
             with torch.enable_grad():
@@ -164,12 +176,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gx, gw, gb = _grads(loss, inputs, needs, grad_scale.to(loss))
             grad_x_parts.append(gx)
             grad_w, grad_b = _accumulate(grad_w, gw), _accumulate(grad_b, gb)
-            total = total + loss.detach().float()
+            total, loss_dtype = total + loss.detach().float(), loss.dtype
         grad_x = torch.cat(grad_x_parts) if needs[0] else None
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
-        return total / counted if form.reduction == "mean" else total
+        loss = total / counted if form.reduction == "mean" else total
+        return loss.to(loss_dtype)  # cross_entropy's own output dtype: its logits' dtype
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):

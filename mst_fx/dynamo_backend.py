@@ -18,6 +18,7 @@ from torch import fx
 
 from mst_fx.options import MstOptions
 from mst_fx.passes import GraphReport, run_passes
+from mst_fx.passes.graph_utils import copy_graph_module
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
     except Exception as error:  # the compiler rejected our graph: compile the user's instead
         if rewritten is gm:
             raise
-        log.warning("mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten",
-                    type(error).__name__, error)
+        log.warning(
+            "mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten", type(error).__name__, error
+        )
         compiled = hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     _recent_reports.append(report)
@@ -71,19 +73,21 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx.GraphModule, GraphReport]:
     """(rewritten copy of gm, report); (gm itself, report) when nothing was rewritten."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    work = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    work = copy_graph_module(gm)
     try:
         report = run_passes(work, example_inputs, options)
     except Exception as error:
-        log.warning("mst: a pass failed on this graph (%s: %s); compiling it unrewritten",
-                    type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning(
+            "mst: a pass failed on this graph (%s: %s); compiling it unrewritten",
+            type(error).__name__,
+            error,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
         return gm, GraphReport()
     return (work if report.rewritten() else gm), report
 
 
-def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool, on_forward_graph=None):
+def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool, observe=None):
     """Compile with the chosen compiler.
 
     `recompute`: the graph holds per-chunk recomputation for backward. AOTAutograd's joint-graph
@@ -91,52 +95,51 @@ def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute:
     passes strip the detaches that otherwise tell them apart), and the partitioner would then save
     every chunk's intermediates: the rewrite would run and save nothing. So CSE is off for it.
 
-    `on_forward_graph(graph_module)`: called with the partitioned forward graph, whose outputs past
-    the user's are what is saved for backward (caches are bypassed so that it always runs).
+    `observe(graph_module, is_backward)`: called with each partitioned graph; the forward's outputs
+    past the user's are what is saved for backward (caches are bypassed so that it always runs).
     """
     if compiler == "eager":
         return gm.forward
     no_cse = torch._functorch.config.patch(cse=False) if recompute else contextlib.nullcontext()
     with no_cse:
         if compiler == "inductor":
-            return _inductor(gm, example_inputs, mode, on_forward_graph)
-        return _aot_eager(gm, example_inputs, on_forward_graph)
+            return _inductor(gm, example_inputs, mode, observe)
+        return _aot_eager(gm, example_inputs, observe)
 
 
-def _inductor(gm, example_inputs, mode, on_forward_graph):
+def _inductor(gm, example_inputs, mode, observe):
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if on_forward_graph is None:
+    if observe is None:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
     def observing_inner_compile(graph_module, inputs, **kwargs):
-        if not kwargs.get("is_backward", False):
-            on_forward_graph(graph_module)
+        observe(graph_module, kwargs.get("is_backward", False))
         return compile_fx_inner(graph_module, inputs, **kwargs)
 
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, observing_inner_compile, {**patches, "fx_graph_cache": False})
 
 
-def _aot_eager(gm, example_inputs, on_forward_graph=None):
+def _aot_eager(gm, example_inputs, observe=None):
     """AOTAutograd without codegen, partitioned as Inductor partitions (min-cut), so what is saved
     for backward is what Inductor would save."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_compiler
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    def nop(graph_module, _inputs):
-        return graph_module
+    def observed(is_backward):
+        def compile_nothing(graph_module, _inputs):
+            if observe is not None:
+                observe(graph_module, is_backward)
+            return graph_module
 
-    def forward(graph_module, _inputs):
-        if on_forward_graph is not None:
-            on_forward_graph(graph_module)
-        return graph_module
+        return make_boxed_compiler(compile_nothing)
 
     compiler = aot_autograd(
-        fw_compiler=make_boxed_compiler(forward),
-        bw_compiler=make_boxed_compiler(nop),
+        fw_compiler=observed(False),
+        bw_compiler=observed(True),
         partition_fn=min_cut_rematerialization_partition,
     )
     return compiler(gm, example_inputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class SwiGLU(nn.Module):
@@ -33,10 +34,12 @@ class GeluMLP(nn.Module):
 
 class MLPStack(nn.Module):
     """Embedding, residual MLP blocks, LM head, mean cross-entropy: the MLP and head of a
-    transformer with nothing else, so that their memory is all there is to see."""
+    transformer with nothing else, so that their memory is all there is to see. With
+    `checkpointing`, each block runs under `torch.utils.checkpoint`, as user code would write it."""
 
-    def __init__(self, vocab=32000, d=256, intermediate=1024, layers=4, mlp=SwiGLU, bias=False):
+    def __init__(self, vocab=32000, d=256, intermediate=1024, layers=4, mlp=SwiGLU, bias=False, checkpointing=False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.embed = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(mlp(d, intermediate, bias=bias) for _ in range(layers))
         self.head = nn.Linear(d, vocab, bias=bias)
@@ -44,7 +47,7 @@ class MLPStack(nn.Module):
     def forward(self, input_ids, labels):
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = x + block(x)
+            x = x + (checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x))
         logits = self.head(x)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
@@ -74,6 +77,15 @@ def tiny_gpt2(hidden=128, layers=2, vocab=1000, heads=4, **overrides):
     # the loss, which then can't be rewritten together.
     model.loss_type = "ForCausalLM"
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant (the form Dynamo traces)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def random_batch(vocab: int, batch: int, tokens: int, ignore_every: int = 0, seed: int = 0):

@@ -185,6 +185,13 @@ def erase_unused(nodes) -> None:
             node.graph.erase_node(node)
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of `gm`'s graph; submodules and parameters are shared, not copied."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+
+
 _PATH_SEPARATOR = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
 
 
@@ -194,7 +201,9 @@ def parameter_path(node) -> str:
         return "?"
     if node.op == "get_attr":
         return str(node.target)
-    name = re.sub(r"^L_(self_)?", "", str(node.target)).rstrip("_")
+    # Outer graphs name it `L_self_modules_..._weight_` (`L_args_0_modules_...` when the traced frame
+    # is a decorator's wrapper, whose first argument is the module), checkpoint bodies `l_self_...`.
+    name = re.sub(r"^[Ll]_(self_|args_0_)?", "", str(node.target)).rstrip("_")
     return ".".join(p for p in _PATH_SEPARATOR.split(name) if p) or name
 
 

@@ -1,6 +1,7 @@
 """Applies the rewrites to one Dynamo graph, in this order:
 
-1. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward).
+1. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
+   in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
 2. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
 
 The two never claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
@@ -18,9 +19,10 @@ from torch import fx
 
 from mst_fx.options import MstOptions
 
+from .checkpoint_bodies import checkpoint_bodies
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
 from .mlp import find_mlp_sites, rewrite_mlp_site
-from .report import GraphReport
+from .report import GraphReport, SiteReport
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +33,34 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     """Rewrite `gm` in place; return what was found."""
     report = GraphReport()
     if options.mlp:
-        sites, skipped = find_mlp_sites(gm, options.chunks)
-        for index, site in enumerate(sites):
-            rewrite_mlp_site(gm, site, index)
-        report.sites += [s.report for s in sites] + skipped
+        for graph_module in (gm, *checkpoint_bodies(gm)):
+            report.sites += _rewrite_mlps(graph_module, options.chunks)
     if options.lm_head:
         sites, skipped = find_lm_head_sites(gm, options.chunks, is_training(example_inputs), options.keep_logits)
         for index, site in enumerate(sites):
             rewrite_lm_head_site(gm, site, index)
             if site.logits_outputs:
-                _log_once(("keep_logits",), "mst: %s returns empty logits in training to save their N x V "
-                          "memory; pass options={'keep_logits': True} to keep them", site.report.location)
+                _log_once(
+                    ("keep_logits",),
+                    "mst: %s returns empty logits in training to save their N x V "
+                    "memory; pass options={'keep_logits': True} to keep them",
+                    site.report.location,
+                )
         report.sites += [s.report for s in sites] + skipped
     gm.graph.lint()
     gm.recompile()
     _log_report(report)
     return report
+
+
+def _rewrite_mlps(gm: fx.GraphModule, chunks) -> list[SiteReport]:
+    sites, skipped = find_mlp_sites(gm, chunks)
+    for index, site in enumerate(sites):
+        rewrite_mlp_site(gm, site, index)
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    return [s.report for s in sites] + skipped
 
 
 def is_training(example_inputs) -> bool:
@@ -59,8 +73,13 @@ def _log_report(report: GraphReport) -> None:
         if site.rewritten:
             log.debug("mst: rewrote %s at %s into %d chunks", site.kind, site.location, site.chunks)
         else:
-            _log_once((site.kind, site.location, site.reason), "mst: left %s at %s alone: %s",
-                      site.kind, site.location, site.reason)
+            _log_once(
+                (site.kind, site.location, site.reason),
+                "mst: left %s at %s alone: %s",
+                site.kind,
+                site.location,
+                site.reason,
+            )
 
 
 def _log_once(key: tuple, message: str, *args) -> None:

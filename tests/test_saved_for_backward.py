@@ -32,12 +32,14 @@ def forward_output_bytes(gm, example_inputs, recompute: bool, compiler: str = "i
     """Bytes the forward graph returns: the loss plus everything saved for backward."""
     seen = []
 
-    def on_forward_graph(forward: fx.GraphModule):
+    def observe(forward: fx.GraphModule, is_backward: bool):
+        if is_backward:
+            return
         (output,) = [n for n in forward.graph.nodes if n.op == "output"]
         values = [a.meta.get("val") for a in output.args[0] if isinstance(a, fx.Node)]
         seen.append(sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)))
 
-    hand_off(gm, example_inputs, compiler, None, recompute, on_forward_graph=on_forward_graph)
+    hand_off(gm, example_inputs, compiler, None, recompute, observe=observe)
     return seen[0]
 
 

@@ -31,6 +31,7 @@ class RunSpec:
     layers: int = 4
     steps: int = 2  # measured steps, after one warm-up step that compiles
     optimizer: bool = False  # AdamW step after backward
+    checkpointing: bool = False  # activation checkpointing of every layer (HF's switch, or per block)
     device: str = "cpu"
     dtype: str = "float32"
     options: dict = dataclasses.field(default_factory=dict)  # mst backend options
@@ -49,7 +50,7 @@ def run_in_child(spec: RunSpec, timeout: float | None = None) -> RunResult:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), json.dumps(dataclasses.asdict(spec))],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{spec.variant} run failed:\n{done.stderr[-4000:]}")
@@ -65,13 +66,17 @@ def build(spec: RunSpec):
 
     torch.manual_seed(spec.seed)
     if spec.model == "mlp-stack":
-        model = models.MLPStack(spec.vocab, spec.hidden, spec.intermediate, spec.layers)
+        model = models.MLPStack(
+            spec.vocab, spec.hidden, spec.intermediate, spec.layers, checkpointing=spec.checkpointing
+        )
         loss_fn = lambda m, ids, labels: m(ids, labels)
     elif spec.model in ("llama", "gpt2"):
         if spec.model == "llama":
             model = models.tiny_llama(spec.hidden, spec.intermediate, spec.layers, spec.vocab)
         else:
             model = models.tiny_gpt2(spec.hidden, spec.layers, spec.vocab)
+        if spec.checkpointing:
+            models.enable_checkpointing(model)
         loss_fn = lambda m, ids, labels: m(ids, labels=labels).loss
     else:
         raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama or gpt2")
