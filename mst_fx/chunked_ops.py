@@ -77,15 +77,19 @@ def _accumulate(total: Tensor | None, part: Tensor | None) -> Tensor | None:
 
 
 class _RecomputedChunks(torch.autograd.Function):
-    """out = cat(fn(chunk, *params) for chunk); backward recomputes fn one chunk at a time."""
+    """Rows out = cat(fn(chunk, *params) for chunk), for x's flattened rows; backward recomputes fn
+    one chunk at a time.
+
+    The output is the fresh `cat`, not a view of it: a model may update it in place (Falcon's
+    `mlp_output += attention_output`), which autograd forbids on a view made inside a Function.
+    """
 
     @staticmethod
     def forward(ctx, fn: Callable, chunks: int, x: Tensor, *params: Tensor | None) -> Tensor:
         ctx.fn, ctx.chunks, ctx.autocast = fn, chunks, _autocast_state(x.device.type)
         ctx.save_for_backward(x, *params)
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.cat([fn(piece, *params) for piece in split_rows(rows, chunks)])
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return torch.cat([fn(piece, *params) for piece in split_rows(rows, chunks)])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -127,7 +131,8 @@ class ChunkedMLP(nn.Module):
         self.form, self.activation, self.chunks = form, activation, chunks
 
     def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b):
-        return _RecomputedChunks.apply(self._chunk, self.chunks, x, gate_w, gate_b, up_w, up_b, down_w, down_b)
+        rows = _RecomputedChunks.apply(self._chunk, self.chunks, x, gate_w, gate_b, up_w, up_b, down_w, down_b)
+        return rows.view(*x.shape[:-1], rows.shape[-1])
 
     def _chunk(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b):
         form = self.form

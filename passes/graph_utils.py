@@ -8,6 +8,7 @@ The graphs are Dynamo's: torch-level calls (`torch._C._nn.linear`, `F.silu`, `op
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import os
 import re
@@ -75,7 +76,13 @@ class Linear:
 
 
 def match_linear(node) -> Linear | None:
-    """`F.linear(x, W, b)`, or Conv1D's `addmm(b, x.view(-1, d), W).view(*lead, out)`."""
+    """`F.linear(x, W, b)`, Falcon's `x @ W.T`, or Conv1D's `addmm(b, x.view(-1, d), W).view(*lead, out)`."""
+    if is_call(node, _MATMUL_FNS) and len(node.args) == 2 and not node.kwargs:
+        x, weight_t = node.args
+        weight = _transposed_weight(weight_t)
+        if weight is None or len(weight_t.users) != 1 or len(shape_of(x) or ()) < 2:
+            return None
+        return Linear(node, x, weight, None, False, [weight_t, node])
     if is_call(node, _LINEAR_FNS):
         args = list(node.args) + [None] * 3
         x, weight = args[0], node.kwargs.get("weight", args[1])
@@ -92,6 +99,24 @@ def match_linear(node) -> Linear | None:
             return None
         return Linear(node, flat.args[0], addmm.args[2], addmm.args[0], True, [flat, addmm, node])
     return None
+
+
+_MATMUL_FNS = {operator.matmul, torch.matmul}
+
+
+def _transposed_weight(node) -> fx.Node | None:
+    """W for `W.T`, `W.t()` or `W.transpose(0, 1)` of a 2-D W; None for anything else."""
+    if not isinstance(node, fx.Node) or len(node.args) < 1 or len(shape_of(node.args[0]) or ()) != 2:
+        return None
+    is_t = (
+        (is_call(node, {getattr}) and node.args[1:] in (("T",), ("mT",)))
+        or (is_call(node, {torch.t}, ("t",)) and len(node.args) == 1)
+        or (
+            is_call(node, {torch.transpose}, ("transpose",))
+            and set(node.args[1:]) in ({0, 1}, {-1, -2}, {0, -1}, {-2, 1})
+        )
+    )
+    return node.args[0] if is_t else None
 
 
 def _is_tensor_or_none(x) -> bool:
@@ -124,9 +149,26 @@ def _node_args(node: fx.Node) -> list:
 
 def is_elementwise_of(node: fx.Node, shape: tuple) -> bool:
     """An elementwise op whose output has `shape` and whose other arguments are scalars."""
-    if not is_call(node, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS):
+    if not (is_call(node, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS) or is_inactive_dropout(node)):
         return False
     return shape_of(node) == shape
+
+
+_DROPOUT_FNS = {F.dropout, torch.dropout}
+_DROPOUT_SIGNATURE = inspect.signature(lambda input, p=0.5, training=True, inplace=False: None)
+
+
+def is_inactive_dropout(node) -> bool:
+    """Dropout with p == 0 or not training: the identity, so a recompute gives the same values.
+    (Configs that turn dropout off still leave `F.dropout(h, p=0.0, training=True)` in the graph.)"""
+    if not is_call(node, _DROPOUT_FNS):
+        return False
+    try:
+        bound = _DROPOUT_SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return False
+    p, training, inplace = bound.get("p", 0.5), bound.get("training", True), bound.get("inplace", False)
+    return not inplace and (p == 0 or training is False)
 
 
 def elementwise_chain(start: fx.Node, end: fx.Node) -> list[fx.Node]:

@@ -135,9 +135,14 @@ def _is_row_op(node, vocab) -> bool:
     if is_call(node, {operator.getitem}):
         index = node.args[1]
         full = slice(None, None, None)
-        return isinstance(index, tuple) and len(index) == len(shape_of(node)) and index[-1] == full and all(
-            isinstance(i, slice) and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))
-            for i in index
+        return (
+            isinstance(index, tuple)
+            and len(index) == len(shape_of(node))
+            and index[-1] == full
+            and all(
+                isinstance(i, slice) and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))
+                for i in index
+            )
         )
     return False
 
@@ -171,6 +176,7 @@ def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSi
         "lm_head", module_path(head.weight), True,
         tokens=size_hint(shape_of(logits_in)[0]), in_width=size_hint(x_shape[-1]),
         amplified_width=size_hint(logits.shape[-1]), itemsize=logits.element_size(),
+        logits_returned=bool(logits_outputs),
     )  # fmt: skip
     return LMHeadSite(head, loss, target, row_ops, transform, logits_outputs, form, report)
 

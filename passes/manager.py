@@ -33,8 +33,9 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     """Rewrite `gm` in place; return what was found."""
     report = GraphReport()
     if options.mlp:
-        for graph_module in (gm, *checkpoint_bodies(gm)):
-            report.sites += _rewrite_mlps(graph_module, options.chunks)
+        report.sites += _rewrite_mlps(gm, options.chunks, checkpointed=False)
+        for body in checkpoint_bodies(gm):
+            report.sites += _rewrite_mlps(body, options.chunks, checkpointed=True)
     if options.lm_head:
         sites, skipped = find_lm_head_sites(gm, options.chunks, is_training(example_inputs), options.keep_logits)
         for index, site in enumerate(sites):
@@ -53,14 +54,17 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     return report
 
 
-def _rewrite_mlps(gm: fx.GraphModule, chunks) -> list[SiteReport]:
+def _rewrite_mlps(gm: fx.GraphModule, chunks, checkpointed: bool) -> list[SiteReport]:
     sites, skipped = find_mlp_sites(gm, chunks)
     for index, site in enumerate(sites):
         rewrite_mlp_site(gm, site, index)
     if sites:
         gm.graph.lint()
         gm.recompile()
-    return [s.report for s in sites] + skipped
+    reports = [s.report for s in sites] + skipped
+    for report in reports:
+        report.checkpointed = checkpointed
+    return reports
 
 
 def is_training(example_inputs) -> bool:

@@ -1,8 +1,13 @@
-"""What the passes found in one graph: one `SiteReport` per site, rewritten or left alone."""
+"""What the passes found in one graph: one `SiteReport` per site, rewritten or left alone.
+
+Both convert to and from plain dicts (`to_dict` / `from_dict`, JSON-ready, `from_dict(to_dict(r)) == r`);
+`mst_fx.explain` documents the keys.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -16,20 +21,60 @@ class SiteReport:
     in_width: int | None = None  # d
     amplified_width: int | None = None  # I or V
     itemsize: int | None = None
+    logits_returned: bool | None = None  # lm_head: the graph also returns the N x V logits (None: not read)
+    checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
+
+    @property
+    def has_shapes(self) -> bool:
+        return None not in (self.tokens, self.in_width, self.amplified_width, self.itemsize)
+
+    @property
+    def largest_chunk_tokens(self) -> int | None:
+        """Rows of the largest mini-sequence: M - 1 chunks of N // M rows, the last takes the rest."""
+        if self.tokens is None:
+            return None
+        if not self.rewritten:
+            return self.tokens
+        chunks = max(1, min(self.chunks or 1, self.tokens))
+        return self.tokens - (chunks - 1) * (self.tokens // chunks)
 
     @property
     def largest_intermediate_bytes(self) -> tuple[int, int] | None:
-        """(before, after): one N x I (or N x V) tensor against one chunk's N/M x I."""
+        """(before, after): one N x I (or N x V) tensor against the largest chunk's N/M x I."""
         if None in (self.tokens, self.amplified_width, self.itemsize):
             return None
-        before = self.tokens * self.amplified_width * self.itemsize
-        per_chunk = -(-self.tokens // (self.chunks or 1))
-        return before, (per_chunk * self.amplified_width * self.itemsize if self.rewritten else before)
+        row_bytes = self.amplified_width * self.itemsize
+        return self.tokens * row_bytes, self.largest_chunk_tokens * row_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteReport:
+        """Reads the fields and ignores other keys (such as derived figures written next to them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _current_compile_id() -> str | None:
+    """Dynamo's id of the frame being compiled ("frame/recompile", as in TORCH_LOGS), if any."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return None if compile_id is None else str(compile_id)
 
 
 @dataclasses.dataclass
 class GraphReport:
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
+    # Set when the report is made during a Dynamo compile: which frame (graph breaks make more) and
+    # which recompile of it (new shapes, grad mode, ...) the graph is.
+    compile_id: str | None = dataclasses.field(default_factory=_current_compile_id)
+
+    @property
+    def frame(self) -> str | None:
+        """The compiled frame without the recompile count: "3/1" -> "3"."""
+        return None if self.compile_id is None else self.compile_id.rsplit("/", 1)[0]
 
     def rewritten(self, kind_prefix: str = "") -> list[SiteReport]:
         return [s for s in self.sites if s.rewritten and s.kind.startswith(kind_prefix)]
@@ -39,4 +84,12 @@ class GraphReport:
 
     def undone(self, reason: str) -> GraphReport:
         """The same sites, every rewrite taken back for `reason`."""
-        return GraphReport([dataclasses.replace(s, rewritten=False, reason=s.reason or reason) for s in self.sites])
+        sites = [dataclasses.replace(s, rewritten=False, reason=s.reason or reason) for s in self.sites]
+        return GraphReport(sites, self.compile_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"compile_id": self.compile_id, "sites": [s.to_dict() for s in self.sites]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphReport:
+        return cls([SiteReport.from_dict(s) for s in data["sites"]], data.get("compile_id"))

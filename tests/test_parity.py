@@ -44,6 +44,20 @@ class ReluSquared(QuickGelu):
         return self.proj(torch.relu(self.fc(x)) ** 2)
 
 
+class MatmulDropoutInPlace(nn.Module):
+    """Falcon's `x @ W.T` linears, BART's `dropout(p=0)` between them, an in-place add on the output."""
+
+    def __init__(self, d, intermediate, bias=False):
+        super().__init__()
+        self.fc = nn.Parameter(torch.randn(intermediate, d) / d**0.5)
+        self.proj = nn.Parameter(torch.randn(d, intermediate) / intermediate**0.5)
+
+    def forward(self, x):
+        out = F.dropout(F.gelu(x @ self.fc.T), p=0.0, training=self.training) @ self.proj.T
+        out += x
+        return out
+
+
 class CappedHead(nn.Module):
     """A head with Granite's scaling, Gemma-2's soft-cap and label smoothing before the loss."""
 
@@ -55,8 +69,9 @@ class CappedHead(nn.Module):
     def forward(self, ids, labels):
         logits = self.head(self.embed(ids)) / self.scale
         logits = torch.tanh(logits / self.cap) * self.cap
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                               label_smoothing=self.smoothing)
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), labels.view(-1), label_smoothing=self.smoothing
+        )
 
 
 def stack(mlp, bias=False):
@@ -72,12 +87,22 @@ def stack(mlp, bias=False):
         (lambda: stack(FusedGateUp), {"mlp fused": 2, "lm_head": 1}),
         (lambda: stack(QuickGelu), {"mlp plain": 2, "lm_head": 1}),
         (lambda: stack(ReluSquared), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: stack(MatmulDropoutInPlace), {"mlp plain": 2, "lm_head": 1}),
         (lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB), {"mlp gated": 2, "lm_head": 1}),
         (lambda: tiny_gpt2(hidden=32, layers=2, vocab=VOCAB), {"mlp plain": 2, "lm_head": 1}),
         (lambda: CappedHead(), {"lm_head": 1}),
     ],
-    ids=["swiglu", "gelu-bias", "fused-gate-up", "quick-gelu", "relu-squared", "hf-llama", "hf-gpt2-conv1d",
-         "softcap-scale-smoothing"],
+    ids=[
+        "swiglu",
+        "gelu-bias",
+        "fused-gate-up",
+        "quick-gelu",
+        "relu-squared",
+        "matmul-dropout-inplace",
+        "hf-llama",
+        "hf-gpt2-conv1d",
+        "softcap-scale-smoothing",
+    ],
 )
 def test_models_match_eager_and_are_rewritten(build, kinds):
     torch.manual_seed(0)
@@ -86,8 +111,11 @@ def test_models_match_eager_and_are_rewritten(build, kinds):
     assert assert_parity(model, loss_of, inputs, chunks=4) == kinds
 
 
-@pytest.mark.parametrize("batch, tokens, chunks", [(1, 3, 8), (3, 16, 5), (1, 64, 1)],
-                         ids=["fewer-tokens-than-chunks", "batch-3-uneven", "one-chunk"])
+@pytest.mark.parametrize(
+    "batch, tokens, chunks",
+    [(1, 3, 8), (3, 16, 5), (1, 64, 1)],
+    ids=["fewer-tokens-than-chunks", "batch-3-uneven", "one-chunk"],
+)
 def test_chunking_edge_cases(batch, tokens, chunks):
     inputs = random_batch(VOCAB, batch, tokens, ignore_every=3)
     assert assert_parity(stack(SwiGLU), loss_of, inputs, chunks=chunks)["lm_head"] == 1
@@ -132,9 +160,11 @@ def test_dynamic_lengths_share_one_graph():
     assert {s.kind for s in report.rewritten()} == {"mlp gated", "lm_head"}
 
 
-@pytest.mark.parametrize("build", [lambda: stack(SwiGLU),
-                                   lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB)],
-                         ids=["swiglu", "hf-llama"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: stack(SwiGLU), lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB)],
+    ids=["swiglu", "hf-llama"],
+)
 def test_inductor_end_to_end(build):
     torch.manual_seed(0)
     inputs = random_batch(VOCAB, 2, 37, ignore_every=7)
