@@ -214,10 +214,13 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int) -> No
 
 
 def _replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> fx.Node:
-    """The same reshape or slice on the head's input: sizes keep their leading dims, end in d."""
+    """The same reshape or slice on the head's input: sizes keep their leading dims, end in d.
+
+    Always a reshape: a view that was legal on the (fresh) logits may not be on the input, which can
+    be a strided slice of a bigger tensor (CPM-Ant's)."""
     if op.op == "call_method" and op.target in ("view", "reshape"):
         sizes = op.args[1] if len(op.args) == 2 and isinstance(op.args[1], (tuple, list)) else op.args[1:]
-        return graph.call_method(op.target, (rows, *sizes[:-1], width))
+        return graph.call_method("reshape", (rows, *sizes[:-1], width))
     return graph.create_node(op.op, op.target, (rows, *op.args[1:]), dict(op.kwargs))
 
 
