@@ -107,6 +107,7 @@ def _match_mlp(down: Linear) -> MLPSite | None:
     fc_out = _chain_source(hidden)
     fc = match_linear(fc_out) if fc_out is not hidden else None
     if fc is None:
+        _explain_plain_near_miss(hidden)
         return None  # not linear -> activation -> linear (or no activation at all)
     chain = elementwise_chain(fc_out, hidden)
     form = MLPForm(gated=False, fused=False, gate_index=0, act_first=True, transposed=fc.transposed)
@@ -185,6 +186,30 @@ def _explain_near_miss(act_side: fx.Node, x: fx.Node) -> None:
             blocker = node
         tensors = [a for a in node.all_input_nodes if example_value(a) is not None]
         node = tensors[0] if tensors else None
+
+
+def _explain_plain_near_miss(hidden: fx.Node, max_hops: int = 6) -> None:
+    """CantChunk naming the op that hides a widening linear behind `hidden`, if one does: a single
+    path of ops back from `hidden`, keeping its shape, that reaches a linear after a non-elementwise
+    op (Bloom's gelu as a custom autograd.Function, dropout with p > 0, a norm)."""
+    shape, node, blocker = shape_of(hidden), hidden, None
+    for _ in range(max_hops):
+        linear = match_linear(node)
+        if linear is not None:
+            widens = (shape_of(linear.input) or (0,))[-1] < shape[-1]
+            if blocker is not None and widens:
+                random = "dropout" in str(blocker.target) or "rand" in str(blocker.target)
+                why = "is random: a recompute would draw a different mask" if random else "is not elementwise"
+                raise CantChunk(f"'{blocker.name}' between the linears {why}")
+            return
+        if not is_elementwise_of(node, shape):
+            blocker = node  # the one nearest the first linear names the op best
+        inputs = [
+            a for a in node.all_input_nodes if a.op in ("call_function", "call_method") and shape_of(a) in (shape, None)
+        ]
+        if len(inputs) != 1:
+            return
+        node = inputs[0]
 
 
 def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:

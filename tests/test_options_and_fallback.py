@@ -18,9 +18,15 @@ VOCAB = 300
 
 @pytest.mark.parametrize(
     "options, named",
-    [({"chunks": 0}, "chunks"), ({"chunks": "many"}, "chunks"), ({"chunks": True}, "chunks"),
-     ({"mlp": "yes"}, "mlp"), ({"keep_logits": 1}, "keep_logits"), ({"compiler": "tvm"}, "compiler"),
-     ({"chunk": 4}, "chunk")],
+    [
+        ({"chunks": 0}, "chunks"),
+        ({"chunks": "many"}, "chunks"),
+        ({"chunks": True}, "chunks"),
+        ({"mlp": "yes"}, "mlp"),
+        ({"keep_logits": 1}, "keep_logits"),
+        ({"compiler": "tvm"}, "compiler"),
+        ({"chunk": 4}, "chunk"),
+    ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):
     with pytest.raises(ValueError, match=named):
@@ -60,6 +66,21 @@ class DropoutMLP(SwiGLU):
         return self.down(F.dropout(F.silu(self.gate(x)), p=0.1, training=True) * self.up(x))
 
 
+class NormBetweenLinears(nn.Module):
+    """fc -> gelu -> LayerNorm -> proj: the norm mixes a row's elements, so it is no activation."""
+
+    def __init__(self, d=32, intermediate=96):
+        super().__init__()
+        self.fc, self.norm, self.proj = (
+            nn.Linear(d, intermediate),
+            nn.LayerNorm(intermediate),
+            nn.Linear(intermediate, d),
+        )
+
+    def forward(self, x):
+        return self.proj(self.norm(F.gelu(self.fc(x))))
+
+
 class WeightedLoss(nn.Module):
     def __init__(self):
         super().__init__()
@@ -79,8 +100,12 @@ def stack_of(block):
 
 @pytest.mark.parametrize(
     "model, reason",
-    [(stack_of(LeakyMLP()), "also used by"), (WeightedLoss(), "class weights")],
-    ids=["intermediate-used-elsewhere", "class-weights"],
+    [
+        (stack_of(LeakyMLP()), "also used by"),
+        (stack_of(NormBetweenLinears()), "'layer_norm' between the linears is not elementwise"),
+        (WeightedLoss(), "class weights"),
+    ],
+    ids=["intermediate-used-elsewhere", "norm-between-linears", "class-weights"],
 )
 def test_unsupported_sites_stay_whole_with_a_reason(model, reason):
     inputs = random_batch(VOCAB, 2, 20, ignore_every=5)
@@ -126,7 +151,8 @@ def test_keep_logits_returns_the_real_logits_and_leaves_the_head_alone():
     model = llama()
     expected = model(ids, labels=labels).logits
     out = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="aot_eager", keep_logits=True))(
-        ids, labels=labels)
+        ids, labels=labels
+    )
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
     assert any("keep_logits=True" in r for r in skipped_reasons())
 
