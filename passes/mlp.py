@@ -42,6 +42,7 @@ from .graph_utils import (
     example_value,
     is_call,
     is_elementwise_of,
+    is_inactive_dropout,
     lift_chain,
     match_linear,
     module_path,
@@ -69,7 +70,7 @@ class MLPSite:
 
 def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], list[SiteReport]]:
     """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons)."""
-    sites, skipped = [], []
+    sites, skipped, claimed = [], [], set()
     for node in gm.graph.nodes:
         down = match_linear(node)
         if down is None:
@@ -81,6 +82,13 @@ def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], li
             continue
         if site is None:
             continue
+        if claimed.intersection(site.nodes):
+            # A chain of linears (Zaya's router: fc1 -> gelu -> fc2 -> gelu -> out) matches twice,
+            # overlapping on fc2; the first match keeps it.
+            skipped.append(
+                dataclasses.replace(site.report, rewritten=False, reason="overlaps an MLP matched before it")
+            )
+            continue
         try:
             site.report.chunks = choose_chunks(
                 chunks_option, site.report.tokens, site.report.in_width,
@@ -91,19 +99,24 @@ def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], li
             skipped.append(site.report)
             continue
         sites.append(site)
+        claimed.update(site.nodes)
     return sites, skipped
 
 
 def _match_mlp(down: Linear) -> MLPSite | None:
     """The MLP ending in `down`; None when `down` is no MLP's second linear."""
-    hidden = down.input
-    if is_call(hidden, _MUL, ("mul", "__mul__")) and len(hidden.args) == 2 and not hidden.kwargs:
-        p, q = hidden.args
+    product, identities = down.input, []
+    while is_inactive_dropout(product):  # dropout(p=0) after the product (CPM-Ant, ModernBERT)
+        identities.append(product)
+        product = product.args[0] if product.args else product.kwargs["input"]
+    if is_call(product, _MUL, ("mul", "__mul__")) and len(product.args) == 2 and not product.kwargs:
+        p, q = product.args
         if example_value(p) is not None and example_value(q) is not None:
             for act_side, up_side, act_first in ((p, q, True), (q, p, False)):
-                site = _match_gated(down, hidden, act_side, up_side, act_first)
+                site = _match_gated(down, product, act_side, up_side, act_first, identities)
                 if site is not None:
                     return site
+    hidden = down.input
     fc_out = _chain_source(hidden)
     fc = match_linear(fc_out) if fc_out is not hidden else None
     if fc is None:
@@ -114,14 +127,14 @@ def _match_mlp(down: Linear) -> MLPSite | None:
     return _site(down, fc, None, form, fc_out, chain, [])
 
 
-def _match_gated(down, product, act_side, up_side, act_first) -> MLPSite | None:
+def _match_gated(down, product, act_side, up_side, act_first, identities) -> MLPSite | None:
     gate_out = _chain_source(act_side)
     fused = _fused_halves(gate_out, up_side)
     if fused is not None:
         gate_up, split, gate_index = fused
         chain = elementwise_chain(gate_out, act_side)
         form = MLPForm(True, True, gate_index, act_first, gate_up.transposed)
-        return _site(down, gate_up, None, form, gate_out, chain, [product, split, gate_out, up_side])
+        return _site(down, gate_up, None, form, gate_out, chain, [product, split, gate_out, up_side, *identities])
     gate, up = match_linear(gate_out), match_linear(up_side)
     if gate is None and up is not None:
         _explain_near_miss(act_side, up.input)
@@ -131,7 +144,7 @@ def _match_gated(down, product, act_side, up_side, act_first) -> MLPSite | None:
         return None
     chain = elementwise_chain(gate_out, act_side)
     form = MLPForm(True, False, 0, act_first, gate.transposed)
-    return _site(down, gate, up, form, gate_out, chain, [product])
+    return _site(down, gate, up, form, gate_out, chain, [product, *identities])
 
 
 def _fused_halves(gate_half, up_half):

@@ -58,6 +58,25 @@ class MatmulDropoutInPlace(nn.Module):
         return out
 
 
+class DropoutAfterProduct(SwiGLU):
+    """CPM-Ant / ModernBERT: an inactive dropout between the gated product and the down linear."""
+
+    def forward(self, x):
+        return self.down(F.dropout(F.silu(self.gate(x)) * self.up(x), p=0.0, training=self.training))
+
+
+class LinearChain(nn.Module):
+    """Zaya's router: fc1 -> gelu -> fc2 -> gelu -> out, two plain MLPs sharing fc2; one is taken."""
+
+    def __init__(self, d, intermediate, bias=False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, intermediate), nn.Linear(intermediate, intermediate)
+        self.out = nn.Linear(intermediate, d)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
 class CappedHead(nn.Module):
     """A head with Granite's scaling, Gemma-2's soft-cap and label smoothing before the loss."""
 
@@ -88,6 +107,8 @@ def stack(mlp, bias=False):
         (lambda: stack(QuickGelu), {"mlp plain": 2, "lm_head": 1}),
         (lambda: stack(ReluSquared), {"mlp plain": 2, "lm_head": 1}),
         (lambda: stack(MatmulDropoutInPlace), {"mlp plain": 2, "lm_head": 1}),
+        (lambda: stack(DropoutAfterProduct), {"mlp gated": 2, "lm_head": 1}),
+        (lambda: stack(LinearChain), {"mlp plain": 2, "lm_head": 1}),
         (lambda: tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB), {"mlp gated": 2, "lm_head": 1}),
         (lambda: tiny_gpt2(hidden=32, layers=2, vocab=VOCAB), {"mlp plain": 2, "lm_head": 1}),
         (lambda: CappedHead(), {"lm_head": 1}),
@@ -99,6 +120,8 @@ def stack(mlp, bias=False):
         "quick-gelu",
         "relu-squared",
         "matmul-dropout-inplace",
+        "dropout-after-product",
+        "overlapping-linear-chain",
         "hf-llama",
         "hf-gpt2-conv1d",
         "softcap-scale-smoothing",
