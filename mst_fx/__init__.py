@@ -2,6 +2,8 @@
 
     model = torch.compile(model, backend="mst")               # no import needed
     model = torch.compile(model, backend=mst_fx.backend(chunks=8))
+    report = mst_fx.explain(model, *example_inputs)           # what mst finds and rewrites, no training
+    report = mst_fx.last_report()                             # the same, for the graphs compiled so far
 """
 
 from mst_fx.dynamo_backend import (
@@ -11,7 +13,11 @@ from mst_fx.dynamo_backend import (
     mst_backend,
     rewrite,
 )
+from mst_fx.explain import ModelReport, explain, last_report
 from mst_fx.options import MstOptions
 
-__all__ = ["MstOptions", "backend", "clear_reports", "compiled_reports", "mst_backend", "rewrite"]
+__all__ = [
+    "ModelReport", "MstOptions", "backend", "clear_reports", "compiled_reports", "explain", "last_report",
+    "mst_backend", "rewrite",
+]  # fmt: skip
 __version__ = "0.1.0"

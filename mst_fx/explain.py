@@ -1,0 +1,197 @@
+"""What mst finds in a model, what it rewrites, and what memory that saves, without training it.
+
+    with torch.device("meta"):                                  # shapes only: any size fits
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.zeros(1, 32768, dtype=torch.long, device="meta")
+    report = mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False}, chunks="auto")
+    print(report)                    # the table mst-inspect prints; report.to_dict() for JSON
+
+    model = torch.compile(model, backend="mst"); model(...)   # a real run, then:
+    report = mst_fx.last_report()
+
+`explain` traces the model with Dynamo, exactly as `torch.compile` does, and runs the passes on every
+graph it captures, but compiles nothing: each graph then runs as it is. On a model built on the meta
+device (`with torch.device("meta"): model = ...`) nothing is allocated, so any size can be inspected;
+example inputs are moved to meta when the model is there.
+
+`last_report()` covers the graphs the `mst` backend compiled since the last `mst_fx.clear_reports()`
+(at most the last 64), oldest first. Dynamo compiles one graph per frame (a graph break starts a new
+frame) and compiles a frame again when its guards fail (new shapes, grad mode): the totals count the
+latest compile of each frame, so that a recompile replaces its frame's graph and a graph break adds one.
+
+JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
+
+    format                 "mst-fx-report/1"
+    target                 what was inspected (free text), or null
+    options                the backend options used (`mst_fx.MstOptions` fields), or null when not known
+    estimate_method        how the byte estimates are computed (`mst_fx.memory_estimate`)
+    estimated_peak_bytes   {"before", "after", "saving"}: all counted graphs together
+    graphs                 list, oldest first, each:
+      compile_id             Dynamo's "frame/recompile" id, or null
+      counted                whether the graph is in the overall totals (latest compile of its frame)
+      estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
+      sites                  list, in graph order, each:
+        kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
+        location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
+        rewritten              true | false
+        reason                 why the site was left alone, or null
+        chunks                 M, the mini-sequences the backend chose, or null
+        tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown)
+        logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
+        checkpointed           mlp: inside an activation-checkpoint body (null when not known)
+        largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
+        estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
+
+`ModelReport.from_dict` reads the fields back and recomputes the derived figures; the graphs' code
+(`code_before`, `code_after`) is not part of the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import fx
+
+from mst_fx.dynamo_backend import compiled_reports, rewrite
+from mst_fx.memory_estimate import METHOD, PeakEstimate, estimate_peak, estimate_site
+from mst_fx.options import MstOptions
+from mst_fx.passes import GraphReport, SiteReport
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mst-fx-report/1"
+
+
+@dataclasses.dataclass
+class InspectedGraph:
+    """One Dynamo graph: what the passes found in it, and its code before and after the rewrite."""
+
+    report: GraphReport
+    code_before: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    code_after: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def estimate(self) -> PeakEstimate:
+        return estimate_peak(self.report.sites)
+
+
+@dataclasses.dataclass
+class ModelReport:
+    """Every graph of one model (or of the graphs compiled so far) and the estimated saving."""
+
+    graphs: list[InspectedGraph]
+    options: dict[str, Any] | None = None
+    target: str | None = None
+
+    def __str__(self) -> str:
+        """The table `mst-inspect` prints."""
+        from mst_fx.report_format import to_table  # it imports this module
+
+        return to_table(self)
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for g in self.graphs for s in g.report.sites]
+
+    @property
+    def counted_graphs(self) -> list[InspectedGraph]:
+        """The latest compile of each Dynamo frame: what one step runs."""
+        counted = self._counted_indices()
+        return [g for i, g in enumerate(self.graphs) if i in counted]
+
+    def _counted_indices(self) -> set[int]:
+        latest = {}
+        for index, graph in enumerate(self.graphs):
+            latest[graph.report.frame or f"#{index}"] = index
+        return set(latest.values())
+
+    @property
+    def counted_sites(self) -> list[SiteReport]:
+        return [s for g in self.counted_graphs for s in g.report.sites]
+
+    @property
+    def estimate(self) -> PeakEstimate:
+        return estimate_peak(self.counted_sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        counted = self._counted_indices()
+        return {
+            "format": FORMAT,
+            "target": self.target,
+            "options": self.options,
+            "estimate_method": METHOD,
+            "estimated_peak_bytes": self.estimate.to_dict(),
+            "graphs": [_graph_dict(g, i in counted) for i, g in enumerate(self.graphs)],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelReport:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not an mst-fx report: format {data.get('format')!r}, expected {FORMAT!r}")
+        graphs = [InspectedGraph(GraphReport.from_dict(g)) for g in data["graphs"]]
+        return cls(graphs, data.get("options"), data.get("target"))
+
+
+def _graph_dict(graph: InspectedGraph, counted: bool) -> dict[str, Any]:
+    data = graph.report.to_dict()
+    for site_dict, site in zip(data["sites"], graph.report.sites):
+        largest = site.largest_intermediate_bytes
+        site_dict["largest_intermediate_bytes"] = None if largest is None else dict(zip(("before", "after"), largest))
+        site_dict["estimated_bytes"] = dataclasses.asdict(estimate_site(site))
+    return {"compile_id": data["compile_id"], "counted": counted,
+            "estimated_peak_bytes": graph.estimate.to_dict(), "sites": data["sites"]}  # fmt: skip
+
+
+def explain(model, *example_inputs, example_kwargs: dict | None = None, target: str | None = None,
+            **options) -> ModelReport:  # fmt: skip
+    """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
+
+    `options` are the backend's (`chunks`, `mlp`, `lm_head`, `keep_logits`; `compiler` is accepted
+    and unused). Runs with gradients enabled, as a training step does. Nothing is compiled; each
+    graph runs unrewritten (on meta tensors that costs nothing). Raises what the model raises.
+    """
+    resolved = MstOptions.from_mapping(options)
+    graphs: list[InspectedGraph] = []
+
+    def inspecting_backend(gm: fx.GraphModule, inputs):
+        rewritten, report = rewrite(gm, inputs, resolved)
+        graphs.append(InspectedGraph(report, gm.code, rewritten.code))
+        log.debug(
+            "mst explain: graph %s: %d sites, %d rewritten",
+            report.compile_id,
+            len(report.sites),
+            len(report.rewritten()),
+        )
+        return gm.forward
+
+    args, kwargs = _on_model_device(model, example_inputs, dict(example_kwargs or {}))
+    with torch.enable_grad():
+        torch.compile(model, backend=inspecting_backend)(*args, **kwargs)
+    if not graphs:
+        raise RuntimeError(
+            "Dynamo compiled no graph for this call (already at its recompile limit? torch._dynamo.reset() clears it)"
+        )
+    return ModelReport(graphs, dataclasses.asdict(resolved), target)
+
+
+def last_report() -> ModelReport:
+    """What the `mst` backend compiled since the last `mst_fx.clear_reports()`: see the module doc."""
+    graphs = [InspectedGraph(r) for r in compiled_reports()]
+    return ModelReport(graphs, None, "graphs compiled with backend='mst'")
+
+
+def _on_model_device(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Inputs as meta tensors when the model's parameters are on meta (a mix would not trace)."""
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    if not any(p.is_meta for p in parameters):
+        return args, kwargs
+
+    def to_meta(value):
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            return value
+        return torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}

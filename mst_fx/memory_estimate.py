@@ -1,0 +1,117 @@
+"""Peak memory of one training step, estimated from the shapes of the sites a report lists.
+
+An estimate, not a measurement: nothing is allocated, so it works for models far bigger than the
+machine. Only the sites' own tensors are counted (attention, norms and the residual stream are the
+same with and without mst, so they drop out of the saving). For a site with N tokens, input width d,
+amplified width W (I for an MLP, V for an LM head), element size s and chunks of at most c tokens:
+
+    site             kept for backward          added in its backward       kept after    added after
+    mlp gated/fused  3·N·I·s (gate, up, h)      1·N·I·s                     0             6·c·I·s
+    mlp plain        2·N·I·s (fc out, act)      1·N·I·s                     0             4·c·I·s
+    mlp, checkpointed  0                        (kept + added)·N·I·s        0             as above
+    lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     2·c·V·s + 2·V·d·s
+                                                logits are returned
+
+Backward visits the sites in reverse (the report's order: MLPs in graph order, then the LM head;
+graphs in compile order), and a site's kept tensors are freed once its backward is done, so
+
+    peak = max over sites i of (kept by sites 1..i + added by site i)     saving = peak before - peak after
+
+The coefficients are read off Inductor's code for SwiGLU and GELU MLPs and the HF LM head: "kept"
+is what the partitioner saves for backward; in an MLP's backward one N x I gradient is live on top
+(the others reuse the buffers of saved tensors past their last use). The LM head's gradient takes
+the place of the logits (their last use) unless the logits are returned: then that buffer stays, a
+compiled backward gets an N x V zero gradient for them, and the gradient needs its own. A chunked MLP keeps only its input,
+which the unrewritten MLP keeps too; the chunked LM head keeps the input and weight gradients it
+computes in forward, and while it does, one chunk's logits and their gradient are live, and the
+weight gradient's running sum is added to a chunk's part into a new tensor. An MLP inside an
+activation-checkpoint body keeps nothing (the checkpoint keeps the layer's input, either way) and
+recomputes its intermediates in its backward. A site left alone counts the same before and after; one without shapes counts 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from mst_fx.passes import SiteReport
+
+# Per kind: (N x W tensors kept for backward, N x W tensors its backward adds, chunk x W tensors a
+# rewritten site adds). The LM head's extras (returned logits, kept gradients) are in `estimate_site`.
+_COEFFICIENTS = {
+    "mlp gated": (3, 1, 6),
+    "mlp fused": (3, 1, 6),
+    "mlp plain": (2, 1, 4),
+    "lm_head": (1, 0, 2),
+}
+
+METHOD = (
+    "Estimates from shapes, not measurements (nothing is allocated), for one training step, counting only "
+    "the sites' own tensors: the rest of the model is the same with and without mst. Per site, N tokens, "
+    "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
+    "2NIs (plain MLP), NVs (LM head); its backward adds NIs (MLP) or 0 (LM head; 2NVs if the logits are "
+    "returned); a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain); the LM head keeps (N+V)ds "
+    "of gradients and adds 2cVs + 2Vds. Backward runs the sites in reverse: peak = max over sites i of (kept by "
+    "sites 1..i + added by site i); saving = peak before - peak after."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteMemory:
+    """Bytes one site contributes to the peak: kept from its forward until its backward, and added on
+    top of that during its backward; before and after the rewrite."""
+
+    kept_before: int = 0
+    added_before: int = 0
+    kept_after: int = 0
+    added_after: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakEstimate:
+    before: int
+    after: int
+
+    @property
+    def saving(self) -> int:
+        return self.before - self.after
+
+    def to_dict(self) -> dict[str, int]:
+        return {"before": self.before, "after": self.after, "saving": self.saving}
+
+
+def estimate_site(site: SiteReport) -> SiteMemory:
+    coefficients = _COEFFICIENTS.get(site.kind)
+    if coefficients is None or not site.has_shapes:
+        return SiteMemory()
+    kept, added, chunk_tensors = coefficients
+    full = site.tokens * site.amplified_width * site.itemsize  # one N x W tensor
+    returned = 2 * full if site.kind == "lm_head" and site.logits_returned else 0
+    kept_before, added_before = kept * full, added * full + returned
+    if site.checkpointed:  # recomputed in backward instead of kept
+        kept_before, added_before = 0, kept_before + added_before
+    if not site.rewritten:
+        return SiteMemory(kept_before, added_before, kept_before, added_before)
+    chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
+    if site.kind != "lm_head":
+        return SiteMemory(kept_before, added_before, 0, chunk)
+    weight_gradient = site.amplified_width * site.in_width * site.itemsize
+    gradients = site.tokens * site.in_width * site.itemsize + weight_gradient
+    return SiteMemory(kept_before, added_before, gradients, chunk + 2 * weight_gradient)
+
+
+def estimate_peak(sites: Iterable[SiteReport]) -> PeakEstimate:
+    """Peak of these sites (in forward order) over one step, before and after the rewrite."""
+    memory = [estimate_site(s) for s in sites]
+    before = _backward_peak([m.kept_before for m in memory], [m.added_before for m in memory])
+    after = _backward_peak([m.kept_after for m in memory], [m.added_after for m in memory])
+    return PeakEstimate(before, after)
+
+
+def _backward_peak(kept: list[int], added: list[int]) -> int:
+    """Backward reaches site i with sites 1..i still holding what they kept, and adds its own."""
+    peak, held = 0, 0
+    for kept_here, added_here in zip(kept, added):
+        held += kept_here
+        peak = max(peak, held + added_here)
+    return peak

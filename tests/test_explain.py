@@ -1,0 +1,295 @@
+"""The inspection tool: `mst_fx.explain`, `mst_fx.last_report`, the estimate and the `mst-inspect` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mst_fx.passes import SiteReport
+from test_saved_for_backward import dynamo_graph
+from torch import fx, nn
+
+import mst_fx
+from mst_fx.dynamo_backend import hand_off
+from mst_fx.explain import ModelReport
+from mst_fx.inspect_cli import main
+from mst_fx.memory_estimate import estimate_peak, estimate_site
+from mst_fx.models import MLPStack, SwiGLU, enable_checkpointing, random_batch, tiny_llama
+from mst_fx.report_format import graph_code, to_json, to_table
+
+TOKENS, HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 2048, 64, 256, 500, 3
+
+
+def llama_on_meta():
+    with torch.device("meta"):
+        model = tiny_llama(HIDDEN, INTERMEDIATE, LAYERS, VOCAB)
+    ids = torch.zeros(1, TOKENS, dtype=torch.long, device="meta")
+    return model, ids
+
+
+def explain_llama(**options) -> ModelReport:
+    model, ids = llama_on_meta()
+    return mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False}, **options)
+
+
+def test_tiny_llama_lists_every_mlp_and_the_head_as_rewritten_with_the_backends_chunks():
+    report = explain_llama()
+    expected = [f"model.layers.{i}.mlp" for i in range(LAYERS)] + ["lm_head"]
+    assert [s.location for s in report.sites] == expected
+    assert [s.kind for s in report.sites] == ["mlp gated"] * LAYERS + ["lm_head"]
+    assert all(s.rewritten and s.chunks > 1 for s in report.sites)
+    assert report.sites[-1].logits_returned  # HF returns the logits too
+
+    # The same model, real and compiled by the backend: the same sites, split the same way.
+    torch.manual_seed(0)
+    real = tiny_llama(HIDDEN, INTERMEDIATE, LAYERS, VOCAB)
+    ids, labels = random_batch(VOCAB, 1, TOKENS)
+    compiled = torch.compile(real, backend=mst_fx.backend(compiler="eager"))
+    compiled(ids, labels=labels, use_cache=False).loss.backward()
+    compiled_sites = mst_fx.last_report().sites
+    assert [(s.location, s.kind, s.chunks) for s in compiled_sites] == [
+        (s.location, s.kind, s.chunks) for s in report.sites
+    ]
+
+
+def test_explain_on_meta_allocates_nothing_and_the_table_shows_the_sizes():
+    report = explain_llama(chunks=4)
+    table = to_table(report)
+    assert "| model.layers.2.mlp | mlp gated" in table
+    assert f"{TOKENS} x {HIDDEN} -> {VOCAB}" in table
+    head = report.sites[-1]
+    assert head.chunks == 4 and head.largest_intermediate_bytes == (TOKENS * VOCAB * 4, TOKENS // 4 * VOCAB * 4)
+    assert "Estimates from shapes" in table
+    assert report.estimate.saving > 0
+
+
+class LeakyBlock(SwiGLU):
+    """Its hidden activation is also used outside the MLP: the passes must leave it whole."""
+
+    def __init__(self, d, intermediate, bias=False):
+        super().__init__(d, intermediate, bias)
+        self.probe = nn.Linear(intermediate, 1, bias=False)
+
+    def forward(self, x):
+        hidden = F.silu(self.gate(x)) * self.up(x)
+        return self.down(hidden) + self.probe(hidden)
+
+
+def test_an_mlp_the_passes_dont_handle_is_listed_with_its_reason():
+    with torch.device("meta"):
+        model = MLPStack(VOCAB, HIDDEN, INTERMEDIATE, layers=2)
+        model.blocks[1] = LeakyBlock(HIDDEN, INTERMEDIATE)
+    ids = torch.zeros(1, TOKENS, dtype=torch.long)  # moved to meta by explain
+    report = mst_fx.explain(model, ids, ids)
+    by_location = {s.location: s for s in report.sites}
+    assert by_location["blocks.0"].rewritten and by_location["head"].rewritten
+    # Named after the second linear it was matched from (the MLP's other linears are not known then).
+    leaky = by_location["blocks.1.down"]
+    assert not leaky.rewritten and "also used by" in leaky.reason
+    row = next(line for line in to_table(report).splitlines() if "| blocks.1.down " in line)
+    assert "also used by" in row
+    # Left alone: no saving counted for it, and nothing is known of its shapes.
+    assert estimate_site(leaky).kept_before == estimate_site(leaky).kept_after == 0
+
+
+def test_json_round_trips_with_the_documented_keys():
+    report = explain_llama()
+    data = json.loads(to_json(report))
+    assert ModelReport.from_dict(data) == report
+    assert ModelReport.from_dict(data).to_dict() == data
+    assert set(data) == {"format", "target", "options", "estimate_method", "estimated_peak_bytes", "graphs"}
+    (graph,) = data["graphs"]
+    assert set(graph) == {"compile_id", "counted", "estimated_peak_bytes", "sites"}
+    assert set(graph["sites"][0]) == {
+        "kind", "location", "rewritten", "reason", "chunks", "tokens", "in_width", "amplified_width", "itemsize",
+        "logits_returned", "checkpointed", "largest_intermediate_bytes", "estimated_bytes",
+    }  # fmt: skip
+    assert data["estimated_peak_bytes"]["saving"] == report.estimate.saving
+    with pytest.raises(ValueError, match="format"):
+        ModelReport.from_dict({**data, "format": "something else"})
+
+
+def test_estimate_follows_the_stated_formula():
+    n, d, i, v, s = 1000, 10, 40, 500, 4
+    mlp = SiteReport("mlp gated", "a", True, chunks=4, tokens=n, in_width=d, amplified_width=i, itemsize=s)
+    head = SiteReport("lm_head", "h", True, chunks=10, tokens=n, in_width=d, amplified_width=v, itemsize=s,
+                      logits_returned=True)  # fmt: skip
+    peak = estimate_peak([mlp, mlp, head])
+    # Before: backward starts at the head with everything kept (3NI per MLP, NV) plus 2NV for the
+    # returned logits; after: the head's gradients (N+V)d, a chunk's logits and gradient 2cV, 2Vd.
+    assert peak.before == s * (2 * 3 * n * i + n * v + 2 * n * v)
+    assert peak.after == s * max((n + v) * d + 2 * (n // 10) * v + 2 * v * d, 6 * (n // 4) * i)
+    # A site left alone costs the same on both sides; a checkpointed MLP keeps nothing for backward.
+    alone = SiteReport("mlp plain", "p", False, "reason", tokens=n, in_width=d, amplified_width=i, itemsize=s)
+    assert estimate_peak([alone]).saving == 0 and estimate_peak([alone]).before == s * 3 * n * i
+    checkpointed = SiteReport("mlp gated", "c", True, chunks=4, tokens=n, in_width=d, amplified_width=i,
+                              itemsize=s, checkpointed=True)  # fmt: skip
+    assert estimate_site(checkpointed).kept_before == 0 and estimate_peak([checkpointed]).before == s * 4 * n * i
+
+
+def test_kept_bytes_are_what_the_partitioner_saves_for_backward():
+    """The estimate's "kept for backward" against the partitioned forward graph's saved N x W tensors."""
+    torch.manual_seed(0)
+    n, vocab, intermediate = 1024, 3000, 256
+    model = MLPStack(vocab, d=64, intermediate=intermediate, layers=2)
+    batch = random_batch(vocab, 1, n)
+    gm, inputs = dynamo_graph(model, *batch)
+    saved = []
+
+    def observe(graph_module: fx.GraphModule, is_backward: bool):
+        if not is_backward:
+            (output,) = [node for node in graph_module.graph.nodes if node.op == "output"]
+            saved.extend(a.meta["val"] for a in output.args[0] if isinstance(a, fx.Node))
+
+    hand_off(gm, inputs, "aot_eager", None, recompute=False, observe=observe)
+    # N x I and N x V tensors (not the N x d ones that the rewrite keeps too, nor the weights)
+    wide = {
+        id(t): t
+        for t in saved
+        if isinstance(t, torch.Tensor)
+        and t.dim()
+        and t.shape[-1] in (intermediate, vocab)
+        and t.numel() == n * t.shape[-1]
+    }
+    saved_bytes = sum(t.numel() * t.element_size() for t in wide.values())
+    report = mst_fx.explain(model, *batch)
+    assert sum(estimate_site(s).kept_before for s in report.sites) == saved_bytes
+
+
+def test_checkpointed_mlps_are_marked_and_keep_nothing_before():
+    with torch.device("meta"):
+        model = tiny_llama(HIDDEN, INTERMEDIATE, 2, VOCAB)
+    enable_checkpointing(model)
+    ids = torch.zeros(1, TOKENS, dtype=torch.long, device="meta")
+    report = mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False})
+    assert [(s.kind, s.checkpointed, s.rewritten) for s in report.sites[:2]] == [("mlp gated", True, True)] * 2
+    assert "mlp gated (checkpointed)" in to_table(report)
+
+
+class TwoFrames(nn.Module):
+    """A graph break between the blocks: Dynamo compiles two frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = SwiGLU(HIDDEN, INTERMEDIATE), SwiGLU(HIDDEN, INTERMEDIATE)
+
+    def forward(self, x):
+        x = x + self.first(x)
+        torch._dynamo.graph_break()
+        return (x + self.second(x)).sum()
+
+
+def test_last_report_covers_graph_breaks_and_counts_a_recompile_once():
+    model = torch.compile(TwoFrames(), backend=mst_fx.backend(compiler="eager", chunks=2))
+    model(torch.randn(256, HIDDEN, requires_grad=True)).backward()
+    report = mst_fx.last_report()
+    assert [len(g.report.sites) for g in report.graphs] == [1, 1]
+    assert len(report.counted_graphs) == 2  # a graph break adds a graph to the step
+
+    mst_fx.clear_reports()
+    model = torch.compile(MLPStack(VOCAB, HIDDEN, INTERMEDIATE, layers=1), backend=mst_fx.backend(compiler="eager"))
+    for tokens in (1024, 2048):  # the second length recompiles the same frame
+        model(*random_batch(VOCAB, 1, tokens))
+    report = mst_fx.last_report()
+    assert [g.report.frame for g in report.graphs] == [report.graphs[0].report.frame] * 2
+    assert report.counted_graphs == report.graphs[1:]
+    assert report.estimate == report.graphs[1].estimate
+
+
+def test_graph_code_before_and_after():
+    report = explain_llama()
+    assert "mst_mlp_0" in graph_code(report, "after") and "mst_lm_head_0" in graph_code(report, "after")
+    assert "mst_mlp_0" not in graph_code(report, "before")
+
+
+def test_cli_prints_the_table_for_a_family(capsys):
+    assert main(["llama", "--tokens", "2048", "--layers", "1", "--options", '{"chunks": 2}']) == 0
+    out = capsys.readouterr().out
+    assert "| model.layers.0.mlp | mlp gated | 2048 x 256 -> 688" in out and "| lm_head " in out
+    assert "est. saving" in out and "Estimates from shapes" in out
+
+
+def test_cli_real_llama_3_8b_shapes_as_json(capsys):
+    assert main(["llama-3-8b", "--layers", "1", "--tokens", "32768", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    mlp, head = data["graphs"][0]["sites"]
+    assert (mlp["tokens"], mlp["in_width"], mlp["amplified_width"], mlp["chunks"]) == (32768, 4096, 14336, 4)
+    assert (head["amplified_width"], head["chunks"]) == (128256, 32)
+    assert mlp["largest_intermediate_bytes"] == {"before": 32768 * 14336 * 4, "after": 8192 * 14336 * 4}
+
+
+def test_cli_config_json_and_factory_targets(tmp_path, monkeypatch, capsys):
+    tiny_llama(HIDDEN, INTERMEDIATE, 1, VOCAB).config.save_pretrained(tmp_path)
+    assert main([str(tmp_path / "config.json"), "--tokens", "2048"]) == 0
+    assert "| model.layers.0.mlp " in capsys.readouterr().out
+
+    (tmp_path / "my_factory.py").write_text(
+        textwrap.dedent(f"""
+        import torch
+        from mst_fx.models import MLPStack
+
+        def build():
+            model = MLPStack({VOCAB}, {HIDDEN}, {INTERMEDIATE}, layers=2)
+            assert next(model.parameters()).is_meta  # built under torch.device("meta")
+            ids = torch.zeros(1, {TOKENS}, dtype=torch.long)
+            return model, (ids, ids)
+
+        def wrong():
+            return 42
+    """)
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["my_factory:build", "--json"]) == 0
+    assert [s["location"] for s in json.loads(capsys.readouterr().out)["graphs"][0]["sites"]] == [
+        "blocks.0", "blocks.1", "head"
+    ]  # fmt: skip
+    assert main(["my_factory:wrong"]) == 2
+    assert "must return (model, args)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no-such-model"], "unknown target 'no-such-model'"),
+        (["no_such_module_xyz:build"], "cannot import 'no_such_module_xyz'"),
+        (["json:no_such_function"], "has no function 'no_such_function'"),
+        (["llama", "--options", "{not json"], "--options is not JSON"),
+        (["llama", "--options", '{"chunk": 4}'], "unknown mst option"),
+        (["json:loads", "--tokens", "4"], "--tokens apply to family and config targets"),
+    ],
+)
+def test_cli_bad_target_exits_2_with_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("mst-inspect: error: ") and message in line
+
+
+def test_console_entry_point_exit_code():
+    done = subprocess.run(
+        [sys.executable, "-m", "mst_fx.inspect_cli", "not/a/config.json"], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "mst-inspect: error: unknown target 'not/a/config.json': not a family (llama, llama-3-8b, gpt2, "
+        "gpt2-124m or a Hugging Face model type such as mistral), not an existing config.json or folder, "
+        "not module:function"
+    )
+
+
+def test_cli_any_hugging_face_family_by_model_type(capsys):
+    from mst_fx import tiny_configs
+
+    assert main(["phi3", "--json"]) == 0  # tiny, from mst_fx.tiny_configs
+    sites = json.loads(capsys.readouterr().out)["graphs"][0]["sites"]
+    assert [(s["kind"], s["rewritten"]) for s in sites] == [("mlp fused", True)] * 2 + [("lm_head", True)]
+    unbuildable = next(f for f in tiny_configs.causal_lm_families() if tiny_configs.why_not_built(f))
+    assert main([unbuildable]) == 2
+    assert f"{unbuildable} can't be inspected" in capsys.readouterr().err
