@@ -5,6 +5,13 @@ can't hide another's. On CPU the child runs with MALLOC_MMAP_THRESHOLD_=65536 (g
 freed tensors back to the OS at once), resets the peak with `echo 5 > /proc/self/clear_refs` and
 reads VmHWM; the figure is the rise of the peak over the resident size before the step. On CUDA
 it is `torch.cuda.max_memory_allocated()` over what was allocated before the step.
+
+With a memory budget (`RunSpec.budget_mb`, or `measure(..., budget_mb=)`), a watchdog thread in
+the child polls VmRSS and ends the child with exit code OVER_BUDGET_EXIT (`run_in_child` then
+raises `OverBudget`) once the step's rise passes the budget; a spike shorter than one poll is
+still caught afterwards, since the reported peak is VmHWM: the caller compares it to the budget.
+Other modules reuse the measuring with their own step: `measure()` inside their child and
+`run_script_in_child()` in the parent.
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 
 VARIANTS = ("eager", "inductor", "mst")
+OVER_BUDGET_EXIT = 86  # the child's exit code when the watchdog ends it
+# During the warm-up step the watchdog also lets compilation's own memory (Dynamo, AOTAutograd and
+# Inductor state, kept for the process's life) through; it only bounds a runaway warm-up there.
+COMPILE_ALLOWANCE_MB = 512
 
 
 @dataclasses.dataclass
@@ -36,6 +50,7 @@ class RunSpec:
     dtype: str = "float32"
     options: dict = dataclasses.field(default_factory=dict)  # mst backend options
     seed: int = 0
+    budget_mb: float | None = None  # cap on the step's memory rise: the child is ended past it (see measure)
 
 
 @dataclasses.dataclass
@@ -44,18 +59,40 @@ class RunResult:
     peak_mb: float  # rise of peak memory over the first measured step
     step_s: float  # mean wall time of the measured steps
     losses: list[float]  # every step's loss, warm-up included
+    warmup_s: float | None = None  # wall time of the warm-up step: compilation and one step
 
 
-def run_in_child(spec: RunSpec, timeout: float | None = None) -> RunResult:
+class OverBudget(RuntimeError):
+    """The child passed its memory budget and was ended by its watchdog."""
+
+
+def run_in_child(spec: RunSpec, timeout: float | None = None, cold: bool = False) -> RunResult:
+    """`cold`: the child gets an empty Inductor cache, so its warm-up is a first compile."""
+    result = run_script_in_child(os.path.abspath(__file__), dataclasses.asdict(spec), timeout, spec.variant, cold)
+    return RunResult(spec, result["peak_mb"], result["step_s"], result["losses"], result.get("warmup_s"))
+
+
+def run_script_in_child(
+    script: str, payload: dict, timeout: float | None = None, what: str = "child", cold: bool = False
+) -> dict:
+    """`python script JSON(payload)` under the measuring environment; the JSON its stdout ends with.
+
+    Raises OverBudget when the child's watchdog ended it, subprocess.TimeoutExpired past `timeout`
+    and RuntimeError (with the end of its stderr) for any other failure.
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), json.dumps(dataclasses.asdict(spec))],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mst-cold-cache-") as cache:
+        if cold:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        done = subprocess.run(
+            [sys.executable, script, json.dumps(payload)],
+            env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+    if done.returncode == OVER_BUDGET_EXIT:
+        raise OverBudget(f"{what} passed its memory budget: {done.stderr.strip().splitlines()[-1]}")
     if done.returncode != 0:
-        raise RuntimeError(f"{spec.variant} run failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return RunResult(spec, result["peak_mb"], result["step_s"], result["losses"])
+        raise RuntimeError(f"{what} run failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def build(spec: RunSpec):
@@ -134,6 +171,82 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class MemoryWatchdog:
+    """Ends the process with OVER_BUDGET_EXIT once its resident size rises more than the armed
+    limit over what it was when armed. Polls VmRSS every `interval` seconds from a daemon thread
+    (reading /proc takes the GIL for some microseconds; torch's kernels run without it)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.base_kb, self.limit_kb = interval, 0, None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def arm(self, limit_mb: float) -> None:
+        self.base_kb, self.limit_kb = _status_kb("VmRSS"), limit_mb * 1024
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            rise_kb = _status_kb("VmRSS") - self.base_kb
+            if self.limit_kb is not None and rise_kb > self.limit_kb:
+                print(f"over budget: rise {rise_kb / 1024:.0f} MB > {self.limit_kb / 1024:.0f} MB", file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(OVER_BUDGET_EXIT)
+
+
+def measure(step: Callable[[], float], steps: int, device: str = "cpu", budget_mb: float | None = None) -> dict:
+    """One warm-up call of `step` (it compiles), then `steps` measured ones.
+
+    Returns the peak rise over the first measured step, their mean time, every call's loss and
+    the warm-up's time.
+    With `budget_mb` the process ends itself with OVER_BUDGET_EXIT: on CPU once a measured step
+    rises past the budget, or the warm-up past it plus COMPILE_ALLOWANCE_MB; on CUDA (untested
+    here) when the caching allocator, capped at what is allocated plus the budget, runs out.
+    """
+    cuda = device.startswith("cuda")
+    watchdog = MemoryWatchdog() if budget_mb is not None and not cuda else None
+    if budget_mb is not None and cuda:
+        step = _ending_on_cuda_oom(step)
+        _cap_cuda_memory(budget_mb)
+    if watchdog:
+        watchdog.arm(budget_mb + COMPILE_ALLOWANCE_MB)
+    start = time.perf_counter()
+    losses = [step()]
+    warmup_s = time.perf_counter() - start
+    peaks, times = [], []
+    for _ in range(steps):
+        if watchdog:
+            watchdog.arm(budget_mb)
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - start)
+        peaks.append(peak.peak)
+    return {"peak_mb": peaks[0] / 2**20, "step_s": sum(times) / len(times), "losses": losses, "warmup_s": warmup_s}
+
+
+def _cap_cuda_memory(budget_mb: float) -> None:
+    """Lets the caching allocator hold what is allocated now plus the budget (not measured here)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    allowed = torch.cuda.memory_allocated() + budget_mb * 2**20
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total))
+
+
+def _ending_on_cuda_oom(step: Callable[[], float]) -> Callable[[], float]:
+    import torch
+
+    def guarded() -> float:
+        try:
+            return step()
+        except torch.OutOfMemoryError as e:
+            print(f"over budget: {str(e).splitlines()[0]}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(OVER_BUDGET_EXIT)
+
+    return guarded
+
+
 def child_main(spec: RunSpec) -> dict:
     import torch
 
@@ -149,15 +262,8 @@ def child_main(spec: RunSpec) -> dict:
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    losses = [step()]  # warm-up: compiles, and creates the optimizer state
-    peaks, times = [], []
-    for _ in range(spec.steps):
-        with PeakMemory(spec.device) as peak:
-            start = time.perf_counter()
-            losses.append(step())
-            times.append(time.perf_counter() - start)
-        peaks.append(peak.peak)
-    return {"peak_mb": peaks[0] / 2**20, "step_s": sum(times) / len(times), "losses": losses}
+    # The warm-up compiles, and creates the optimizer state.
+    return measure(step, spec.steps, spec.device, spec.budget_mb)
 
 
 if __name__ == "__main__":
