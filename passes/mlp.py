@@ -191,9 +191,7 @@ def _explain_near_miss(act_side: fx.Node, x: fx.Node) -> None:
         linear = match_linear(node)
         if linear is not None:
             if linear.input is x and blocker is not None:
-                random = "dropout" in str(blocker.target) or "rand" in str(blocker.target)
-                why = "is random: a recompute would draw a different mask" if random else "is not elementwise"
-                raise CantChunk(f"'{blocker.name}' between the linears {why}")
+                raise _blocked_by(blocker)
             return
         if blocker is None and not is_elementwise_of(node, shape_of(act_side)):
             blocker = node
@@ -211,9 +209,7 @@ def _explain_plain_near_miss(hidden: fx.Node, max_hops: int = 6) -> None:
         if linear is not None:
             widens = (shape_of(linear.input) or (0,))[-1] < shape[-1]
             if blocker is not None and widens:
-                random = "dropout" in str(blocker.target) or "rand" in str(blocker.target)
-                why = "is random: a recompute would draw a different mask" if random else "is not elementwise"
-                raise CantChunk(f"'{blocker.name}' between the linears {why}")
+                raise _blocked_by(blocker)
             return
         if not is_elementwise_of(node, shape):
             blocker = node  # the one nearest the first linear names the op best
@@ -223,6 +219,12 @@ def _explain_plain_near_miss(hidden: fx.Node, max_hops: int = 6) -> None:
         if len(inputs) != 1:
             return
         node = inputs[0]
+
+
+def _blocked_by(blocker: fx.Node) -> CantChunk:
+    random = "dropout" in str(blocker.target) or "rand" in str(blocker.target)
+    why = "is random: a recompute would draw a different mask" if random else "is not elementwise"
+    return CantChunk(f"'{blocker.name}' between the linears {why}")
 
 
 def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
