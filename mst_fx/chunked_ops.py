@@ -1,115 +1,265 @@
-"""The chunked computations that the passes put into the graph, in place of a matched site.
+"""The chunked runtime: what the passes put in place of a matched site, and the loop that runs it.
 
-Each is an `nn.Module` (so the rewritten graph reads `self.mst_mlp_0(x, ...)`) wrapping an
-`autograd.Function` that walks the flattened tokens M chunks at a time:
+A rewritten site is one opaque custom op in the compiled graph (`torch.ops.mst.*`). Inductor can't
+see into it, so however it orders or fuses the graph, no tensor of one chunk can be scheduled next
+to another chunk's: the memory bound holds by construction. Inside, the op walks the tokens chunk
+by chunk and calls a chunk body that Inductor compiled once per chunk shape (`chunk_bodies.py`):
 
-* `ChunkedMLP`: the forward runs each chunk of linear -> activation -> linear and keeps only its
-  input; the backward recomputes one chunk's N/M x I intermediates at a time and differentiates it.
-* `ChunkedLinearCrossEntropy`: the loss is the last node, so its upstream gradient is a scalar;
-  the forward computes each chunk's logits, loss and input/weight gradients at once (as torch's
-  own `F.linear_cross_entropy` does) and the backward only scales them. No N x V tensor lives
-  longer than one chunk, and there is no recompute matmul.
+    MLP, forward       mst::mlp_forward(site, x, params)                 the graph saves only x
+        out = empty(N, d)
+        for c in chunks:   out[c] = forward_body(x[c], params)
+    MLP, backward      mst::mlp_backward(site, x, grad_out, params, needs)
+        grad_x = empty(N, d);  grad_W = zeros_like(W) for each weight
+        for c in chunks:
+            dx, (dz, inp) per linear = gradient_body(x[c], grad_out[c], params)   # recompute + grads
+            grad_x[c] = dx;  grad_W.addmm_(dz.T, inp);  grad_b += dz.sum(0)
+    LM head + loss     mst::linear_cross_entropy(site, x, W, b, target, needs)
+        (the loss is the graph's last node: its gradient is a scalar, so the forward computes the
+         gradients too, with no recompute, as torch core's F.linear_cross_entropy and Liger do)
+        loss = 0;  grad_x = empty(N, d);  grad_W = zeros_like(W)
+        for c in chunks:
+            loss_c, dx, dz = gradient_body(x[c], 1 / count, W, b, target[c])
+            loss += loss_c;  grad_x[c] = dx;  grad_W.addmm_(dz.T, x[c])
+        backward: grad_x * grad_loss, grad_W * grad_loss, computed in fp32
 
-AOTAutograd traces through both. The MLP's recompute is, op for op, the forward's computation, so
-joint-graph CSE would merge them back; the backend turns CSE off when it hands off a graph with an
-MLP rewrite (see `mst_fx.dynamo_backend`).
+What lives where:
+    across the whole step   x, the output / grad_x (N x d), one accumulator per weight, the loss
+    one chunk at a time     the body's inputs and outputs: x[c], dz and h (N/M x I, N/M x V)
+    nowhere                 any N x I or N x V tensor, or a weight-sized partial per chunk
+
+Chunk lengths come from the site's `ChunkPolicy` (`chunk_plan.py`) at run time, so under dynamic
+shapes the number of chunks follows the length and one compiled graph serves every length.
+
+Precision: the loss and bias gradients accumulate in fp32. A weight gradient accumulates in the
+weight's own dtype, in place: fp32 for fp32 weights (autocast included: each chunk's bf16 product
+is added into the fp32 gradient); for bf16/fp16 weights the running sum is bf16/fp16, each chunk's
+product summed in fp32 inside the matmul and rounded once per chunk, as Liger-Kernel does; an fp32
+accumulator would cost 4 more bytes per weight element for the whole backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from mst_fx import chunk_bodies
+from mst_fx.chunk_plan import ChunkPolicy
+
+# site key -> the module that describes it; the graph names a site by key (a string argument of
+# the custom op), so that the op stays a plain op that any compiler and cache can hold.
+_SITES: dict[str, _ChunkedSite] = {}
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
-    """`x @ W.T + b`; with `transposed`, W is stored (in, out) as GPT-2's Conv1D does (`addmm`)."""
-    if not transposed:
-        return F.linear(x, weight, bias)
-    if bias is None:
-        return torch.mm(x, weight)
-    return torch.addmm(bias, x, weight)
+class _ChunkedSite(nn.Module):
+    """A site's description (`chunk`), its chunk policy and the compiler of its bodies."""
+
+    def __init__(self, widths: tuple[int, int], policy: ChunkPolicy, compiler: str):
+        super().__init__()
+        self.in_width, self.amplified_width = widths
+        self.policy, self.compiler = policy, compiler
+
+    def register(self, *description) -> None:
+        text = repr((type(self).__name__, self.in_width, self.amplified_width, self.policy, self.compiler, *description))
+        self.key = f"{type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+        _SITES[self.key] = self
+
+    def chunks_of(self, x: Tensor) -> list[tuple[int, int]]:
+        return self.policy.chunks(x.shape[0], self.in_width, self.amplified_width, x.device.type)
+
+    def chunk(self, linear, x: Tensor, params, *extra) -> Tensor:
+        raise NotImplementedError
 
 
-def split_rows(rows: Tensor, chunks: int) -> list[Tensor]:
-    """M row ranges: M - 1 of N // M rows, the last one takes the N % M rows left over.
-
-    Written without branching on N, so a symbolic (dynamic) token count gets no guards on it and
-    one compiled graph serves every length. With a static N < M, M becomes N.
-    """
-    n = rows.shape[0]
-    if isinstance(n, int):
-        chunks = max(1, min(chunks, n))
-    size = n // chunks
-    pieces = [rows.narrow(0, i * size, size) for i in range(chunks - 1)]
-    return pieces + [rows.narrow(0, (chunks - 1) * size, n - (chunks - 1) * size)]
+def _site(key: str) -> _ChunkedSite:
+    return _SITES[key]
 
 
-def _detached(tensors: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
-    return [None if t is None else t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def _grads(output: Tensor, inputs: Sequence[Tensor | None], needs: Sequence[bool], grad_output) -> list:
-    """Gradients of `output` for the inputs that need one; None for the rest."""
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-    found = iter(torch.autograd.grad(output, wanted, grad_output) if wanted else ())
-    return [next(found) if need and t is not None else None for t, need in zip(inputs, needs)]
+def _probe(site: _ChunkedSite, x: Tensor, params, autocast_dtype, *extra) -> Tensor:
+    """The chunk's output on zero rows: its dtype and trailing shape, for the real op and the fake."""
+    rows, extra = x.narrow(0, 0, 0), [e.narrow(0, 0, 0) for e in extra]
+    with torch.no_grad(), chunk_bodies.autocast(x.device.type, autocast_dtype):
+        return site.chunk(chunk_bodies.plain_linear(params), rows, params, *extra)
 
 
-def _autocast_state(device_type: str) -> dict:
-    """The autocast state for `device_type` now, as `torch.autocast(**state)` arguments."""
-    return {
-        "device_type": device_type,
-        "enabled": torch.is_autocast_enabled(device_type),
-        "dtype": torch.get_autocast_dtype(device_type),
-        "cache_enabled": torch.is_autocast_cache_enabled(),
-    }
+# ---------------------------------------------------------------- the loops
 
 
-def _accumulate(total: Tensor | None, part: Tensor | None) -> Tensor | None:
-    if part is None:
-        return total
-    part = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
-    return part if total is None else total + part
+def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> Tensor:
+    probe = _probe(site, x, params, autocast_dtype)
+    out = x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype)
+    tensors, present = _present(params)
+    body = chunk_bodies.forward_body(site.chunk, present, autocast_dtype)
+    for start, length in site.chunks_of(x):
+        inputs = [x.narrow(0, start, length), *tensors]
+        entry = chunk_bodies.compiled((site.key, "forward", present, autocast_dtype), body, None, inputs, site.compiler)
+        (out_c,) = chunk_bodies.run(entry, inputs)
+        out.narrow(0, start, length).copy_(out_c)
+    return out
 
 
-class _RecomputedChunks(torch.autograd.Function):
-    """Rows out = cat(fn(chunk, *params) for chunk), for x's flattened rows; backward recomputes fn
-    one chunk at a time.
+def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss):
+    """(fp32 loss sum or None, grad_x or None, [gradient or None per param]) over all chunks."""
+    tensors, present = _present(params)
+    body, layouts = chunk_bodies.gradient_body(site.chunk, present, needs, autocast_dtype, with_loss)
+    key = (site.key, "gradient", present, tuple(needs), autocast_dtype)
+    grad_x = torch.empty_like(x) if needs[0] else None
+    accumulators = [_accumulator(p) if need else None for p, need in zip(params, needs[1:])]
+    loss = x.new_zeros((), dtype=torch.float32) if with_loss else None
+    for start, length in site.chunks_of(x):
+        x_c, seed = x.narrow(0, start, length), seed_of(start, length)
+        inputs = [x_c, seed, *tensors, *extra_of(start, length)]
+        entry = chunk_bodies.compiled(key, body, layouts, inputs, site.compiler)
+        results, layout = chunk_bodies.run(entry, inputs), entry[1]
+        if with_loss:
+            loss += results[layout.loss].float()
+        if layout.grad_x is not None:
+            grad_x.narrow(0, start, length).copy_(results[layout.grad_x])
+        for linear in layout.linears:
+            _accumulate_linear(linear, accumulators, results, x_c, seed)
+        del results  # this chunk's N/M x W tensors go before the next chunk's are made
+    grads = [None if a is None else a.to(p.dtype) for a, p in zip(accumulators, params)]
+    return loss, grad_x, grads
 
-    The output is the fresh `cat`, not a view of it: a model may update it in place (Falcon's
-    `mlp_output += attention_output`), which autograd forbids on a view made inside a Function.
-    """
 
+def _accumulate_linear(linear: chunk_bodies.LinearGrads, accumulators, results, x_c, seed) -> None:
+    dz = seed if linear.dz == -1 else results[linear.dz]
+    if linear.input is not None:
+        inp = x_c if linear.input == -1 else results[linear.input]
+        # W stored (out, in): dW = dz^T inp; stored (in, out) (Conv1D): dW = inp^T dz.
+        a, b = (inp.t(), dz) if linear.transposed else (dz.t(), inp)
+        _add_matmul(accumulators[linear.weight], a, b)
+    if linear.bias_grad is not None:
+        accumulators[linear.bias].add_(results[linear.bias_grad])
+
+
+def _add_matmul(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
+    if accumulator.dtype == a.dtype:
+        accumulator.addmm_(a, b)  # in place: the matmul adds straight into the gradient
+    else:  # autocast: a bf16 product of one chunk, added into the fp32 gradient
+        accumulator.add_(torch.mm(a, b))
+
+
+def _accumulator(param: Tensor) -> Tensor:
+    """Weights accumulate in their own dtype (in place, see the module docstring); biases in fp32."""
+    return torch.zeros(param.shape, dtype=torch.float32 if param.dim() == 1 else param.dtype, device=param.device)
+
+
+def _present(params) -> tuple[list[Tensor], tuple[bool, ...]]:
+    return [p for p in params if p is not None], tuple(p is not None for p in params)
+
+
+def _contiguous(tensors):
+    return [None if t is None else t.detach().contiguous() for t in tensors]
+
+
+# ---------------------------------------------------------------- the custom ops
+
+
+@torch.library.custom_op("mst::mlp_forward", mutates_args=())
+def mlp_forward(site: str, x: Tensor, params: list[Tensor | None], autocast_dtype: torch.dtype | None) -> Tensor:
+    x, *params = _contiguous([x, *params])
+    return _forward_loop(_site(site), x, params, autocast_dtype)
+
+
+@mlp_forward.register_fake
+def _(site, x, params, autocast_dtype):
+    probe = _probe(_site(site), x, params, autocast_dtype)
+    return x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype)
+
+
+@torch.library.custom_op("mst::mlp_backward", mutates_args=())
+def mlp_backward(
+    site: str, x: Tensor, grad_out: Tensor, params: list[Tensor | None], needs: list[bool],
+    autocast_dtype: torch.dtype | None,
+) -> list[Tensor]:  # fmt: skip
+    x, grad_out, *params = _contiguous([x, grad_out, *params])
+    _, grad_x, grads = _gradient_loop(
+        _site(site), x, lambda s, n: grad_out.narrow(0, s, n), params, lambda s, n: (), needs, autocast_dtype, False
+    )
+    return [g for g in [grad_x, *grads] if g is not None]
+
+
+@mlp_backward.register_fake
+def _(site, x, grad_out, params, needs, autocast_dtype):
+    return [torch.empty_like(t) for t, need in zip([x, *params], needs) if need]
+
+
+@torch.library.custom_op("mst::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(
+    site: str, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, needs: list[bool],
+    autocast_dtype: torch.dtype | None,
+) -> list[Tensor]:  # fmt: skip
+    """[loss, *the gradients in `needs`], the gradients being those of the loss itself."""
+    head = _site(site)
+    x, weight, bias, target = _contiguous([x, weight, bias, target])
+    counted = (target != head.form.ignore_index).sum()
+    mean = head.form.reduction == "mean"
+    # An all-ignored batch has all-zero gradients, as in PyTorch: clamp so 0 * (1 / 0) is not NaN.
+    scale = 1.0 / counted.clamp(min=1).float() if mean else x.new_ones((), dtype=torch.float32)
+    total, grad_x, grads = _gradient_loop(
+        head, x, lambda s, n: scale, [weight, bias], lambda s, n: (target.narrow(0, s, n),), needs, autocast_dtype, True
+    )
+    loss = total / counted if mean else total
+    dtype = _probe(head, x, [weight, bias], autocast_dtype, target).dtype
+    return [loss.to(dtype), *(g for g in [grad_x, *grads] if g is not None)]
+
+
+@linear_cross_entropy.register_fake
+def _(site, x, weight, bias, target, needs, autocast_dtype):
+    loss = _probe(_site(site), x, [weight, bias], autocast_dtype, target)
+    return [loss.new_empty(()), *(torch.empty_like(t) for t, need in zip([x, weight, bias], needs) if need)]
+
+
+# ---------------------------------------------------------------- autograd: the ops as one function each
+
+
+class _ChunkedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn: Callable, chunks: int, x: Tensor, *params: Tensor | None) -> Tensor:
-        ctx.fn, ctx.chunks, ctx.autocast = fn, chunks, _autocast_state(x.device.type)
+    def forward(ctx, key: str, x: Tensor, *params: Tensor | None) -> Tensor:
+        # The autocast state is read while the graph is traced, where it is the forward's (the
+        # ambient one and any region the model enters), and handed to both ops as a constant.
+        ctx.key, ctx.autocast = key, _autocast_dtype(x)
         ctx.save_for_backward(x, *params)
-        rows = x.reshape(-1, x.shape[-1])
-        return torch.cat([fn(piece, *params) for piece in split_rows(rows, chunks)])
+        return torch.ops.mst.mlp_forward(key, x, list(params), ctx.autocast)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        rows = x.reshape(-1, x.shape[-1])
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x_parts, grad_params = [], [None] * len(params)
-        for piece, grad_piece in zip(split_rows(rows, ctx.chunks), split_rows(grad_rows, ctx.chunks)):
-            # The recompute runs in the forward's autocast state (as torch.utils.checkpoint does),
-            # whatever the state is when backward runs: its ops must have the forward's dtypes.
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                inputs = _detached([piece, *params], needs)
-                out = ctx.fn(*inputs)
-            grad_piece_x, *grad_piece_params = _grads(out, inputs, needs, grad_piece)
-            grad_x_parts.append(grad_piece_x)
-            grad_params = [_accumulate(t, p) for t, p in zip(grad_params, grad_piece_params)]
-        grad_x = torch.cat(grad_x_parts).view_as(x) if needs[0] else None
-        grad_params = [None if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
-        return None, None, grad_x, *grad_params
+        needs = list(ctx.needs_input_grad[1:])
+        grads = iter(torch.ops.mst.mlp_backward(ctx.key, x, grad_out, params, needs, ctx.autocast))
+        return None, *(next(grads) if need else None for need in needs)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key: str, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
+        needs = list(ctx.needs_input_grad[1:4])
+        loss, *grads = torch.ops.mst.linear_cross_entropy(key, x, weight, bias, target, needs, _autocast_dtype(x))
+        found = iter(grads)
+        ctx.save_for_backward(*(next(found) if need else None for need in needs))
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
+        scale = grad_loss.float()
+        grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
+        return None, *grads, None
+
+
+# ---------------------------------------------------------------- the modules the passes insert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,32 +273,34 @@ class MLPForm:
     transposed: bool  # weights stored (in, out): GPT-2's Conv1D
 
 
-class ChunkedMLP(nn.Module):
-    """down(act(gate(x)) [* up(x)]) over M token chunks, recomputed per chunk in backward."""
+class ChunkedMLP(_ChunkedSite):
+    """down(act(gate(x)) [* up(x)]) chunk by chunk; backward recomputes one chunk at a time."""
 
-    def __init__(self, form: MLPForm, activation: nn.Module, chunks: int):
-        super().__init__()
-        self.form, self.activation, self.chunks = form, activation, chunks
+    def __init__(self, form: MLPForm, activation: nn.Module, policy: ChunkPolicy, widths, compiler="inductor"):
+        super().__init__(widths, policy, compiler)
+        self.form, self.activation = form, activation
+        self.register(form, activation.code)
 
     def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b):
-        rows = _RecomputedChunks.apply(self._chunk, self.chunks, x, gate_w, gate_b, up_w, up_b, down_w, down_b)
-        return rows.view(*x.shape[:-1], rows.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        out = _ChunkedMLPFunction.apply(self.key, rows, gate_w, gate_b, up_w, up_b, down_w, down_b)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _chunk(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b):
-        form = self.form
-        gate = linear(x, gate_w, gate_b, form.transposed)
+    def chunk(self, linear, x, params, *extra):
+        form, t = self.form, self.form.transposed
+        gate = linear(x, 0, 1 if params[1] is not None else None, t)
         if form.fused:
             halves = gate.chunk(2, dim=-1)
             gate, up = halves[form.gate_index], halves[1 - form.gate_index]
         elif form.gated:
-            up = linear(x, up_w, up_b, form.transposed)
+            up = linear(x, 2, 3 if params[3] is not None else None, t)
         hidden = self.activation(gate)
         if form.gated:
             hidden = hidden * up if form.act_first else up * hidden
-        return linear(hidden, down_w, down_b, form.transposed)
+        return linear(hidden, 4, 5 if params[5] is not None else None, t)
 
     def extra_repr(self) -> str:
-        return f"chunks={self.chunks}, {self.form}"
+        return f"{self.policy.describe()}, {self.form}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,52 +313,19 @@ class CrossEntropyForm:
     transposed: bool  # the head's weight is stored (in, out)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(transform(x @ W.T + b), y) with gradients computed chunk by chunk in forward."""
+class ChunkedLinearCrossEntropy(_ChunkedSite):
+    """The LM head and its cross-entropy chunk by chunk; the N x V logits never exist."""
 
-    @staticmethod
-    def forward(ctx, head: ChunkedLinearCrossEntropy, x: Tensor, weight: Tensor, bias, target: Tensor):
-        needs = ctx.needs_input_grad[1:4]
-        form = head.form
-        counted = (target != form.ignore_index).sum()
-        # Gradients of the mean come out scaled in forward. An all-ignored batch has all-zero
-        # gradients, as in PyTorch: clamp so that 0 * (1 / 0) does not turn them into NaN.
-        grad_scale = 1.0 / counted.clamp(min=1).float() if form.reduction == "mean" else counted.new_ones(())
-        total = x.new_zeros((), dtype=torch.float32)  # the loss accumulates in fp32 whatever its dtype
-        grad_x_parts, grad_w, grad_b = [], None, None
-        for x_piece, y_piece in zip(split_rows(x, head.chunks), split_rows(target, head.chunks)):
-            with torch.enable_grad():
-                inputs = _detached([x_piece, weight, bias], needs)
-                loss = head.chunk_loss(*inputs, y_piece)
-            gx, gw, gb = _grads(loss, inputs, needs, grad_scale.to(loss))
-            grad_x_parts.append(gx)
-            grad_w, grad_b = _accumulate(grad_w, gw), _accumulate(grad_b, gb)
-            total, loss_dtype = total + loss.detach().float(), loss.dtype
-        grad_x = torch.cat(grad_x_parts) if needs[0] else None
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-        loss = total / counted if form.reduction == "mean" else total
-        return loss.to(loss_dtype)  # cross_entropy's own output dtype: its logits' dtype
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return None, *scaled, None
-
-
-class ChunkedLinearCrossEntropy(nn.Module):
-    """The LM head and its cross-entropy over M token chunks; the N x V logits never exist."""
-
-    def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, chunks: int):
-        super().__init__()
-        self.form, self.logit_transform, self.chunks = form, logit_transform, chunks
+    def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, policy: ChunkPolicy, widths, compiler="inductor"):
+        super().__init__(widths, policy, compiler)
+        self.form, self.logit_transform = form, logit_transform
+        self.register(form, logit_transform.code)
 
     def forward(self, x_rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-        return _LinearCrossEntropy.apply(self, x_rows, weight, bias, target)
+        return _LinearCrossEntropyFunction.apply(self.key, x_rows, weight, bias, target)
 
-    def chunk_loss(self, x, weight, bias, target) -> Tensor:
-        logits = self.logit_transform(linear(x, weight, bias, self.form.transposed))
+    def chunk(self, linear, x, params, target):
+        logits = self.logit_transform(linear(x, 0, 1 if params[1] is not None else None, self.form.transposed))
         return F.cross_entropy(
             logits,
             target,
@@ -216,4 +335,4 @@ class ChunkedLinearCrossEntropy(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"chunks={self.chunks}, {self.form}"
+        return f"{self.policy.describe()}, {self.form}"

@@ -10,7 +10,6 @@ save memory, but never fails training.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -55,7 +54,7 @@ def backend(**options):
 def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None):
     rewritten, report = rewrite(gm, example_inputs, options)
     try:
-        compiled = hand_off(rewritten, example_inputs, options.compiler, mode, bool(report.rewritten("mlp")))
+        compiled = hand_off(rewritten, example_inputs, options.compiler, mode)
     except torch._dynamo.exc.RestartAnalysis:
         raise  # Dynamo's own control flow (it traces again), not a failure
     except Exception as error:  # the compiler rejected our graph: compile the user's instead
@@ -64,7 +63,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         log.warning(
             "mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten", type(error).__name__, error
         )
-        compiled = hand_off(gm, example_inputs, options.compiler, mode, recompute=False)
+        compiled = hand_off(gm, example_inputs, options.compiler, mode)
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     _recent_reports.append(report)
     del _recent_reports[:-_KEPT_REPORTS]
@@ -87,24 +86,20 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx
     return (work if report.rewritten() else gm), report
 
 
-def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode, recompute: bool, observe=None):
+def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode=None, observe=None):
     """Compile with the chosen compiler.
 
-    `recompute`: the graph holds per-chunk recomputation for backward. AOTAutograd's joint-graph
-    CSE would merge each recomputed matmul with its forward twin (under Inductor, whose joint
-    passes strip the detaches that otherwise tell them apart), and the partitioner would then save
-    every chunk's intermediates: the rewrite would run and save nothing. So CSE is off for it.
+    The chunked sites are opaque custom ops (`mst_fx.chunked_ops`), so nothing the compiler does to
+    the graph (CSE, the partitioner's choice of what to save, scheduling) reaches inside a chunk.
 
     `observe(graph_module, is_backward)`: called with each partitioned graph; the forward's outputs
     past the user's are what is saved for backward (caches are bypassed so that it always runs).
     """
     if compiler == "eager":
         return gm.forward
-    no_cse = torch._functorch.config.patch(cse=False) if recompute else contextlib.nullcontext()
-    with no_cse:
-        if compiler == "inductor":
-            return _inductor(gm, example_inputs, mode, observe)
-        return _aot_eager(gm, example_inputs, observe)
+    if compiler == "inductor":
+        return _inductor(gm, example_inputs, mode, observe)
+    return _aot_eager(gm, example_inputs, observe)
 
 
 def _inductor(gm, example_inputs, mode, observe):

@@ -95,9 +95,8 @@ def estimate_site(site: SiteReport) -> SiteMemory:
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
         return SiteMemory(kept_before, added_before, 0, chunk)
-    weight_gradient = site.amplified_width * site.in_width * site.itemsize
-    gradients = site.tokens * site.in_width * site.itemsize + weight_gradient
-    return SiteMemory(kept_before, added_before, gradients, chunk + 2 * weight_gradient)
+    gradients = (site.tokens + site.amplified_width) * site.in_width * site.itemsize
+    return SiteMemory(kept_before, added_before, gradients, max(chunk, gradients))
 
 
 def estimate_peak(sites: Iterable[SiteReport]) -> PeakEstimate:

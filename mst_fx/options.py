@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from mst_fx.chunk_plan import ChunkPolicy
+
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 
@@ -13,7 +15,10 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 class MstOptions:
     """What `torch.compile(..., backend="mst", options={...})` accepts.
 
-    chunks:      "auto" (pick M per site from its shapes) or an int >= 1 used for every site.
+    chunk_size:  tokens per chunk: "auto" (from each site's widths and the length at run time,
+                 see `mst_fx.chunk_plan`) or an int >= 1 used for every site.
+    chunks:      "auto", or a fixed number of chunks M >= 1 for every site (the chunk size then
+                 follows the length). Give chunk_size or chunks, not both.
     mlp:         rewrite linear -> activation -> linear blocks.
     lm_head:     rewrite linear -> cross_entropy (the logits are never materialised).
     keep_logits: in training, still return the logits the model outputs (costs N x V memory,
@@ -21,6 +26,7 @@ class MstOptions:
     compiler:    what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
     """
 
+    chunk_size: int | str = "auto"
     chunks: int | str = "auto"
     mlp: bool = True
     lm_head: bool = True
@@ -28,15 +34,28 @@ class MstOptions:
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
-        chunks = self.chunks
-        if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-            raise ValueError(f"mst option 'chunks' must be 'auto' or an int >= 1, got {chunks!r}")
+        for name in ("chunk_size", "chunks"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"mst option {name!r} must be 'auto' or an int >= 1, got {value!r}")
+        if self.chunk_size != "auto" and self.chunks != "auto":
+            raise ValueError(
+                f"mst options 'chunk_size' ({self.chunk_size}) and 'chunks' ({self.chunks}) both fix the "
+                "chunking; give one of them"
+            )
         for name in ("mlp", "lm_head", "keep_logits"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"mst option {name!r} must be True or False, got {value!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
+
+    @property
+    def policy(self) -> ChunkPolicy:
+        return ChunkPolicy(
+            rows=None if self.chunk_size == "auto" else self.chunk_size,
+            count=None if self.chunks == "auto" else self.chunks,
+        )
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> MstOptions:

@@ -1,33 +1,29 @@
-"""How many mini-sequences a site is split into.
+"""The chunking a pass records for a site it rewrites, or why "auto" leaves the site alone.
 
-`chunks="auto"` uses the aspect-ratio rule of Liger-Kernel and torch core's linear cross-entropy:
-a chunk's amplified tensor (N/M x I for an MLP, N/M x V for an LM head) should be about the size
-of the site's input (N x d). So the chunk is next_pow2(ceil(N / ceil(I / d))) tokens long and
-M = ceil(N / chunk). Sites whose whole amplified tensor is small are not worth a rewrite.
+The chunk policy itself (sizes, the "auto" rule) is the runtime's: `mst_fx/chunk_plan.py`. Here it
+is only applied to the traced length, for the report and for the decision to rewrite.
 """
 
 from __future__ import annotations
 
-import math
+import torch
+
+from mst_fx.chunk_plan import ChunkPolicy
 
 from .graph_utils import CantChunk
-
-# Below this, the amplified tensor is too small for chunking to pay for its extra kernel launches.
-MIN_AMPLIFIED_BYTES = 1 << 20
+from .report import SiteReport
 
 
-def choose_chunks(option: int | str, tokens: int, in_width: int, amplified_width: int, itemsize: int) -> int:
-    """M for one site. `tokens` is a size hint when the token count is symbolic."""
-    if option != "auto":
-        return max(1, min(int(option), tokens))
-    ratio = math.ceil(amplified_width / in_width)
-    if ratio < 2:
-        raise CantChunk(f"no amplification to cut: width {amplified_width} vs input width {in_width}")
-    amplified_bytes = tokens * amplified_width * itemsize
-    if amplified_bytes < MIN_AMPLIFIED_BYTES:
-        raise CantChunk(
-            f"too few tokens to gain: the {tokens} x {amplified_width} intermediate is "
-            f"{amplified_bytes} bytes (< {MIN_AMPLIFIED_BYTES}); set chunks=<int> to force"
-        )
-    chunk = 1 << max(0, math.ceil(tokens / ratio) - 1).bit_length()
-    return max(1, math.ceil(tokens / chunk))
+def is_symbolic(sizes) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in sizes)
+
+
+def plan_site(report: SiteReport, policy: ChunkPolicy, symbolic: bool, device_type: str) -> None:
+    """Fill `report.chunk_rows` and `report.chunks` for the traced length (its hint when symbolic);
+    CantChunk when the policy says the site is better left alone."""
+    n, d, w = report.tokens, report.in_width, report.amplified_width
+    why = policy.why_not_rewrite(None if symbolic else n, d, w, device_type)
+    if why is not None:
+        raise CantChunk(why)
+    report.chunk_rows = min(n, policy.rows_for(n, d, w, device_type))
+    report.chunks = len(policy.chunks(n, d, w, device_type))

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
 
-from .chunk_count import choose_chunks
+from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
     CantChunk,
     Linear,
@@ -69,7 +70,7 @@ class LMHeadSite:
     report: SiteReport
 
 
-def find_lm_head_sites(gm, chunks_option, training: bool, keep_logits: bool):
+def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, keep_logits: bool):
     """Sites to rewrite, and reports of the cross-entropy sites left alone (with reasons)."""
     sites, skipped = [], []
     for node in gm.graph.nodes:
@@ -77,8 +78,8 @@ def find_lm_head_sites(gm, chunks_option, training: bool, keep_logits: bool):
             continue
         try:
             site = _match_lm_head(node, training, keep_logits)
-            r = site.report
-            r.chunks = choose_chunks(chunks_option, r.tokens, r.in_width, r.amplified_width, r.itemsize)
+            rows = example_value(site.head.input)
+            plan_site(site.report, policy, is_symbolic(shape_of(site.target)), rows.device.type)
         except CantChunk as why:
             head = _find_head(node)
             location = module_path(head.weight) if head else node.name
@@ -193,9 +194,11 @@ def _logits_returned(between: list[fx.Node], loss: fx.Node) -> list[fx.Node]:
     return returned
 
 
-def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int) -> None:
+def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, policy: ChunkPolicy, compiler: str) -> None:
     name = f"mst_lm_head_{index}"
-    gm.add_submodule(name, ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), site.report.chunks))
+    widths = (site.report.in_width, site.report.amplified_width)
+    head = ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), policy, widths, compiler)
+    gm.add_submodule(name, head)
     graph, head = gm.graph, site.head
     with graph.inserting_before(site.loss):
         rows = head.input

@@ -33,13 +33,13 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     """Rewrite `gm` in place; return what was found."""
     report = GraphReport()
     if options.mlp:
-        report.sites += _rewrite_mlps(gm, options.chunks, checkpointed=False)
+        report.sites += _rewrite_mlps(gm, options, checkpointed=False)
         for body in checkpoint_bodies(gm):
-            report.sites += _rewrite_mlps(body, options.chunks, checkpointed=True)
+            report.sites += _rewrite_mlps(body, options, checkpointed=True)
     if options.lm_head:
-        sites, skipped = find_lm_head_sites(gm, options.chunks, is_training(example_inputs), options.keep_logits)
+        sites, skipped = find_lm_head_sites(gm, options.policy, is_training(example_inputs), options.keep_logits)
         for index, site in enumerate(sites):
-            rewrite_lm_head_site(gm, site, index)
+            rewrite_lm_head_site(gm, site, index, options.policy, options.compiler)
             if site.logits_outputs:
                 _log_once(
                     ("keep_logits",),
@@ -54,10 +54,10 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     return report
 
 
-def _rewrite_mlps(gm: fx.GraphModule, chunks, checkpointed: bool) -> list[SiteReport]:
-    sites, skipped = find_mlp_sites(gm, chunks)
+def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool) -> list[SiteReport]:
+    sites, skipped = find_mlp_sites(gm, options.policy)
     for index, site in enumerate(sites):
-        rewrite_mlp_site(gm, site, index)
+        rewrite_mlp_site(gm, site, index, options.policy, options.compiler)
     if sites:
         gm.graph.lint()
         gm.recompile()

@@ -31,9 +31,10 @@ import operator
 import torch
 from torch import fx
 
+from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedMLP, MLPForm
 
-from .chunk_count import choose_chunks
+from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
     CantChunk,
     Linear,
@@ -68,7 +69,7 @@ class MLPSite:
     report: SiteReport
 
 
-def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], list[SiteReport]]:
+def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSite], list[SiteReport]]:
     """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons)."""
     sites, skipped, claimed = [], [], set()
     for node in gm.graph.nodes:
@@ -90,10 +91,8 @@ def find_mlp_sites(gm: fx.GraphModule, chunks_option) -> tuple[list[MLPSite], li
             )
             continue
         try:
-            site.report.chunks = choose_chunks(
-                chunks_option, site.report.tokens, site.report.in_width,
-                site.report.amplified_width, site.report.itemsize,
-            )  # fmt: skip
+            x = example_value(site.x)
+            plan_site(site.report, policy, is_symbolic(x.shape[:-1]), x.device.type)
         except CantChunk as why:
             site.report.rewritten, site.report.reason = False, str(why)
             skipped.append(site.report)
@@ -247,9 +246,10 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
     return MLPSite(gate.input, gate, up, down, form, activation, nodes, report)
 
 
-def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int) -> None:
+def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, policy: ChunkPolicy, compiler: str) -> None:
     name = f"mst_mlp_{index}"
-    gm.add_submodule(name, ChunkedMLP(site.form, site.activation, site.report.chunks))
+    widths = (site.report.in_width, site.report.amplified_width)
+    gm.add_submodule(name, ChunkedMLP(site.form, site.activation, policy, widths, compiler))
     up = site.up
     args = (
         site.x, site.gate.weight, site.gate.bias,

@@ -16,7 +16,8 @@ class SiteReport:
     location: str  # owning module, recovered from parameter names, e.g. "model.layers.0.mlp"
     rewritten: bool
     reason: str | None = None  # why the site was left alone
-    chunks: int | None = None
+    chunks: int | None = None  # at the traced length (its size hint when dynamic)
+    chunk_rows: int | None = None  # tokens in the largest chunk, at the traced length
     tokens: int | None = None  # N (a size hint when symbolic)
     in_width: int | None = None  # d
     amplified_width: int | None = None  # I or V
@@ -30,13 +31,12 @@ class SiteReport:
 
     @property
     def largest_chunk_tokens(self) -> int | None:
-        """Rows of the largest mini-sequence: M - 1 chunks of N // M rows, the last takes the rest."""
+        """Rows of the largest mini-sequence (all N when the site is left alone)."""
         if self.tokens is None:
             return None
-        if not self.rewritten:
+        if not self.rewritten or self.chunk_rows is None:
             return self.tokens
-        chunks = max(1, min(self.chunks or 1, self.tokens))
-        return self.tokens - (chunks - 1) * (self.tokens // chunks)
+        return min(self.chunk_rows, self.tokens)
 
     @property
     def largest_intermediate_bytes(self) -> tuple[int, int] | None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_parity, loss_of, rewritten_kinds
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mst_fx
+from mst_fx import chunk_bodies
 from mst_fx.models import MLPStack, random_batch, tiny_llama
 
 VOCAB = 500
@@ -42,36 +42,37 @@ def test_fp32_model_under_autocast_matches_eager(name):
     assert kinds == {"mlp gated": 2, "lm_head": 1}
 
 
-class MatmulDtypes(TorchDispatchMode):
-    """The output dtypes of every matmul run under it."""
-
-    MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in self.MATMULS:
-            self.dtypes.add(out.dtype)
-        return out
-
-
-@pytest.mark.parametrize("backend", ["eager", "mst"])
-def test_backward_matmuls_run_in_bf16_after_autocast_exits(backend):
+def test_backward_recompute_runs_in_bf16_after_autocast_exits(monkeypatch):
     """Backward runs after autocast has exited; the MLP's recompute must still run in bf16, as the
-    forward did. The compiler is "eager" so that the chunked ops run as real autograd, and only the
-    backward is watched (Dynamo does not compile under a dispatch mode)."""
+    forward did. The chunk bodies are traced with the forward's autocast state baked in, so every
+    matmul of the MLP's gradient body is a bf16 one (the compiler is "eager": the bodies are then
+    the traced ATen graphs, which can be read)."""
+    monkeypatch.setattr(chunk_bodies, "_BODIES", {})
     torch.manual_seed(0)
-    model = MODELS["swiglu-stack"]()
-    if backend == "mst":
-        model = torch.compile(model, backend=mst_fx.backend(chunks=4, compiler="eager"))
+    model = torch.compile(MODELS["swiglu-stack"](), backend=mst_fx.backend(chunks=4, compiler="eager"))
     ids, labels = random_batch(VOCAB, 2, 37)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels)
     assert loss.dtype == torch.float32  # cross_entropy autocasts to fp32
-    with MatmulDtypes() as seen:
-        loss.backward()
-    assert seen.dtypes == {torch.bfloat16}
-    assert backend == "eager" or rewritten_kinds() == {"mlp gated": 2, "lm_head": 1}
+    loss.backward()
+    assert rewritten_kinds() == {"mlp gated": 2, "lm_head": 1}
+    gradient_bodies = {key: fn for key, (fn, _) in chunk_bodies._BODIES.items() if key[0][1] == "gradient"}
+    assert {key[0][0].split("-")[0] for key in gradient_bodies} == {"ChunkedMLP", "ChunkedLinearCrossEntropy"}
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    dtypes = {n.meta["val"].dtype for g in gradient_bodies.values() for n in g.graph.nodes if n.target in matmuls}
+    assert dtypes == {torch.bfloat16}
+
+
+def test_fp16_loss_scale_reaches_the_lm_head_gradients_in_fp32():
+    """GradScaler's default scale, 65536, is inf in fp16. The LM head's gradients, computed in its
+    forward, are scaled by the loss's gradient in fp32, so they come out finite and equal to eager's."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, intermediate=96, layers=1, vocab=VOCAB).to(torch.float16)
+    inputs = random_batch(VOCAB, 2, 37, ignore_every=7)
+
+    def scaled_loss(m, ids, labels):
+        return m(ids, labels=labels).loss * 65536.0  # HF upcasts the logits: the loss is fp32
+
+    kinds = assert_parity(model, scaled_loss, inputs, rtol=1e-2, scaled_tol=BF16_TOL, chunks=4)
+    assert kinds["lm_head"] == 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,197 @@
+"""Chunk bodies: one chunk's computation as a function of tensors, traced once per chunk shape by
+`make_fx` and compiled by Inductor (or run as the traced ATen graph under the other compilers).
+
+A site describes its chunk as `chunk(linear, x, params, *extra)`, calling `linear(inp, w, b, t)`
+for each of its linears (`w`, `b`: indices into `params`; `t`: weight stored (in, out)). Two bodies
+are made from that description:
+
+* the **forward body**, `chunk` itself: `(x_c, *params) -> (out_c,)`;
+* the **gradient body**: runs the chunk under autograd and returns, besides the gradient of `x_c`,
+  for every linear the gradient of its *output* (`dz`), the input it was fed and the bias gradient.
+  The weight gradient `dz^T inp` is left to the caller, which adds it into one accumulator in place
+  (`addmm_`): no chunk's weight-sized partial is ever materialised, and the N/M x I (or N/M x V)
+  tensors exist only between a body's call and the caller's accumulate.
+
+`Layout` records, at trace time, where each of those results sits in the body's flat output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# Compiled bodies, shared by every site with the same description: key -> (callable, Layout).
+_BODIES: dict[tuple, tuple[Callable, Layout | None]] = {}
+
+
+def plain_linear(params: Sequence[Tensor | None]):
+    """`linear(inp, w, b, transposed)` for a chunk function: just the computation."""
+
+    def linear(inp: Tensor, w: int, b: int | None, transposed: bool) -> Tensor:
+        weight, bias = params[w], None if b is None else params[b]
+        if not transposed:
+            return F.linear(inp, weight, bias)
+        return torch.mm(inp, weight) if bias is None else torch.addmm(bias, inp, weight)
+
+    return linear
+
+
+@dataclasses.dataclass
+class _Recorded:
+    weight: int
+    bias: int | None
+    transposed: bool
+    input: Tensor
+    output: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGrads:
+    """Where one linear's gradient pieces are in a gradient body's output (None: not returned)."""
+
+    weight: int
+    bias: int | None
+    transposed: bool
+    dz: int | None  # gradient of the linear's output; -1: it is the body's seed (the chunk's grad_out)
+    input: int | None  # the input as fed to the matmul; -1: it is x_c itself
+    bias_grad: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    grad_x: int | None
+    linears: tuple[LinearGrads, ...]
+    loss: int | None = None
+
+
+def _recording_linear(params, records: list[_Recorded], autocast_dtype: torch.dtype | None):
+    compute = plain_linear(params)
+
+    def linear(inp, w, b, transposed):
+        if autocast_dtype is not None:  # what autocast does to a linear, made explicit so that the
+            inp = inp.to(autocast_dtype)  # input we record is the one the matmul really saw
+        out = compute(inp, w, b, transposed)
+        if not out.requires_grad:  # a frozen linear on a frozen input: still want d(out)
+            out = out.detach().requires_grad_()
+        records.append(_Recorded(w, b, transposed, inp, out))
+        return out
+
+    return linear
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """The forward's autocast state, entered inside a body so that tracing bakes its casts in."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _with_nones(tensors: Sequence[Tensor], present: Sequence[bool]) -> list[Tensor | None]:
+    """The params list as the chunk function indexes it: bodies take only the tensors (no None)."""
+    found = iter(tensors)
+    return [next(found) if p else None for p in present]
+
+
+def forward_body(chunk: Callable, present: Sequence[bool], autocast_dtype):
+    """(x_c, *params) -> (out_c,): the chunk's computation alone."""
+
+    def body(x, *tensors):
+        params = _with_nones(tensors, present)
+        with autocast(x.device.type, autocast_dtype):
+            return (chunk(plain_linear(params), x, params),)
+
+    return body
+
+
+def gradient_body(chunk: Callable, present: Sequence[bool], needs: Sequence[bool], autocast_dtype, with_loss: bool):
+    """(x_c, seed, *params, *extra) -> flat results, and a list that receives the Layout at trace.
+
+    `needs`: for x, then each param, whether its gradient is wanted. `seed`: the gradient of the
+    chunk's output (MLP), or the loss's scale (LM head, `with_loss`)."""
+    layouts: list[Layout] = []
+    count = sum(present)
+
+    def body(x, seed, *rest):
+        params, extra = _with_nones(rest[:count], present), rest[count:]
+        records: list[_Recorded] = []
+        with torch.enable_grad(), autocast(x.device.type, autocast_dtype):
+            x = x.detach().requires_grad_(needs[0])
+            out = chunk(_recording_linear(params, records, autocast_dtype), x, params, *extra)
+            grad_seed = seed.to(out.dtype) if with_loss else seed
+            wanted = [r for r in records if needs[1 + r.weight] or (r.bias is not None and needs[1 + r.bias])]
+            targets = ([x] if needs[0] else []) + [r.output for r in wanted if r.output is not out]
+            grads = list(torch.autograd.grad(out, targets, grad_seed)) if targets else []
+        results = [out.detach()] if with_loss else []
+        put = results.append
+        grad_x = None
+        if needs[0]:
+            grad_x = len(results)
+            put(grads.pop(0))
+        linears = []
+        for r in wanted:
+            dz_tensor = grad_seed if r.output is out else grads.pop(0)
+            dz = -1 if r.output is out and not with_loss else len(results)
+            if dz != -1:
+                put(dz_tensor)
+            inp = None
+            if needs[1 + r.weight]:
+                inp = -1 if r.input is x else len(results)
+                if inp != -1:
+                    put(r.input.detach())
+            bias_grad = None
+            if r.bias is not None and needs[1 + r.bias]:
+                bias_grad = len(results)
+                put(dz_tensor.sum(0, dtype=torch.float32))
+            linears.append(LinearGrads(r.weight, r.bias, r.transposed, dz, inp, bias_grad))
+        layouts[:] = [Layout(grad_x, tuple(linears), 0 if with_loss else None)]
+        return tuple(results)
+
+    return body, layouts
+
+
+def compiled(key: tuple, body: Callable, layouts: list | None, inputs: Sequence[Tensor], compiler: str):
+    """The body compiled for these inputs' shapes, strides and dtypes (traced on first use)."""
+    signature = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+    entry = _BODIES.get((key, compiler, signature))
+    if entry is None:
+        entry = _BODIES[(key, compiler, signature)] = _compile(body, layouts, inputs, compiler)
+        log.debug("mst: compiled a chunk body for %s at %s", key[0], [tuple(t.shape) for t in inputs[:1]])
+    return entry
+
+
+# The dispatch state of ordinary code. A custom op's implementation runs with autograd's dispatch
+# keys excluded; tracing a gradient body needs autograd, so the trace runs in this state instead.
+_ORDINARY_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
+def _compile(body, layouts, inputs, compiler):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch._C._ForceDispatchKeyGuard(*_ORDINARY_DISPATCH), torch.no_grad(), _autocast_off(inputs[0].device.type):
+        graph = make_fx(body, tracing_mode="fake")(*inputs)
+        layout = layouts[0] if layouts else None
+        if compiler != "inductor":
+            return graph, layout
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph, list(inputs)), layout
+
+
+def _autocast_off(device_type: str):
+    """Bodies carry their autocast casts explicitly (traced in the forward's state); the ambient
+    state, whatever it is when the body runs, must not apply on top."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def run(entry, inputs: Sequence[Tensor]) -> list[Tensor]:
+    fn, _ = entry
+    with torch.no_grad(), _autocast_off(inputs[0].device.type):
+        return list(fn(*inputs))

@@ -1,0 +1,105 @@
+"""The memory bound holds by the structure of what Inductor compiles, under any scheduler.
+
+When the chunk loop was unrolled into the graph, Inductor's CUDA scheduler ran every chunk's
+logits matmul first and kept all chunks' N/M x V tensors alive at once; on CPU the order happened
+to hold, so CPU measurements missed it. These tests read the compiled graphs instead, and would
+have failed then: a chunked site must be one opaque op, with no tensor of the amplified width in
+the graph that is larger than the weight, and its compile time and peak must not grow with M.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import mst_fx
+from mst_fx.models import MLPStack, random_batch
+
+# Widths that appear nowhere else in the shapes, chunks of 512 tokens (> D) at M=4.
+TOKENS, D, I, V = 2048, 48, 384, 3000
+
+
+def outer_post_grad_graphs(model, inputs, **options) -> list[torch.fx.Graph]:
+    """Inductor's post-grad graphs of the model's own forward and backward (those holding an mst op);
+    the chunk bodies Inductor compiles at run time hold no mst op."""
+    graphs = []
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graphs.append, fx_graph_cache=False):
+        compiled = torch.compile(model, backend=mst_fx.backend(compiler="inductor", **options))
+        compiled(*inputs).backward()
+    return [g for g in graphs if any(_is_mst_op(n) for n in g.nodes)]
+
+
+def _is_mst_op(node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "mst"
+
+
+def test_no_graph_node_holds_an_amplified_tensor_larger_than_the_weight():
+    torch.manual_seed(0)
+    model = MLPStack(V, D, I, layers=1)
+    graphs = outer_post_grad_graphs(model, random_batch(V, 1, TOKENS, ignore_every=7), chunks=4)
+    assert len(graphs) == 2  # forward and backward
+    ops = {n.target.name() for g in graphs for n in g.nodes if _is_mst_op(n)}
+    assert ops == {"mst::mlp_forward", "mst::mlp_backward", "mst::linear_cross_entropy"}
+    weight_size = {I: D * I, V: D * V}
+    for graph in graphs:
+        for node in graph.nodes:
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                continue
+            for width, limit in weight_size.items():
+                assert width not in value.shape or value.numel() <= limit, (node.format_node(), value.shape)
+
+
+def test_compile_time_and_peak_do_not_grow_with_the_chunk_count():
+    """M=64 against M=4, each in a fresh process with Inductor's caches off: the time of the first
+    training step less a later one's (compile, bodies included) within 1.5x, and the peak of a
+    step (VmHWM rise, MALLOC_MMAP_THRESHOLD_ so that freed memory leaves RSS) within 1.1x."""
+    few, many = _measure(chunks=4), _measure(chunks=64)
+    assert many["compile_s"] <= 1.5 * few["compile_s"], (few, many)
+    assert many["peak_kb"] <= 1.1 * few["peak_kb"], (few, many)
+
+
+_CHILD = """
+import json, sys, time, torch
+import mst_fx
+from mst_fx.models import MLPStack, random_batch
+T, D, I, V, chunks = map(int, sys.argv[1:])
+torch.manual_seed(0)
+model = torch.compile(MLPStack(V, D, I, layers=1), backend=mst_fx.backend(chunks=chunks))
+batch = random_batch(V, 1, T, ignore_every=7)
+
+def step():
+    start = time.perf_counter()
+    model(*batch).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+def vm_hwm_kb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+
+first = step()
+step()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = vm_hwm_kb()
+again = step()
+print(json.dumps({"compile_s": first - again, "peak_kb": vm_hwm_kb() - base}))
+"""
+
+
+def _measure(chunks: int) -> dict:
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+    }
+    args = [sys.executable, "-c", _CHILD, *map(str, (TOKENS, D, I, V, chunks))]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
