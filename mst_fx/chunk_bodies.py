@@ -28,6 +28,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+_warned_compile_failure: list[bool] = []
+
 # Compiled bodies, shared by every site with the same description: key -> (callable, Layout).
 _BODIES: dict[tuple, tuple[Callable, Layout | None]] = {}
 
@@ -178,9 +180,23 @@ def _compile(body, layouts, inputs, compiler):
         layout = layouts[0] if layouts else None
         if compiler != "inductor":
             return graph, layout
-        from torch._inductor.compile_fx import compile_fx
+        try:
+            return _inductor_compile(graph, list(inputs)), layout
+        except Exception as error:  # the traced ATen graph computes the same, only slower
+            if not _warned_compile_failure:
+                _warned_compile_failure.append(True)
+                log.warning(
+                    "mst: Inductor failed to compile a chunk body (%s: %s); running it uncompiled",
+                    type(error).__name__,
+                    error,
+                )
+            return graph, layout
 
-        return compile_fx(graph, list(inputs)), layout
+
+def _inductor_compile(graph, inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, inputs)
 
 
 def _autocast_off(device_type: str):

@@ -180,3 +180,21 @@ def test_a_rewritten_graph_the_compiler_rejects_is_compiled_unrewritten(monkeypa
     monkeypatch.setattr(backend, "hand_off", picky_hand_off)
     assert not assert_parity(stack_of(SwiGLU(32, 96)), loss_of, random_batch(VOCAB, 2, 20), chunks=4)
     assert any("compiler rejected" in r for r in skipped_reasons()), skipped_reasons()
+
+
+def test_a_chunk_body_inductor_cannot_compile_runs_uncompiled_and_says_so_once(monkeypatch, caplog):
+    from mst_fx import chunk_bodies
+
+    def broken(graph, inputs):
+        raise RuntimeError("simulated Inductor bug")
+
+    monkeypatch.setattr(chunk_bodies, "_inductor_compile", broken)
+    monkeypatch.setattr(chunk_bodies, "_BODIES", {})
+    monkeypatch.setattr(chunk_bodies, "_warned_compile_failure", [])
+    with caplog.at_level(logging.WARNING, logger="mst_fx"):
+        kinds = assert_parity(stack_of(SwiGLU(32, 96)), loss_of, random_batch(VOCAB, 2, 20), chunks=4,
+                              compiler="inductor")  # fmt: skip
+    assert kinds == {"mlp gated": 1, "lm_head": 1}
+    warnings = [r.getMessage() for r in caplog.records if "chunk body" in r.getMessage()]
+    assert warnings == ["mst: Inductor failed to compile a chunk body (RuntimeError: simulated Inductor bug); "
+                        "running it uncompiled"]  # fmt: skip
