@@ -35,7 +35,9 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
         rewritten              true | false
         reason                 why the site was left alone, or null
-        chunks                 M, the mini-sequences the backend chose, or null
+        chunks                 M, the number of mini-sequences at the traced length (its size hint
+                               when dynamic: the runtime cuts each call's own length), or null
+        chunk_rows             tokens in the largest of them, or null
         tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown)
         logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
@@ -149,7 +151,7 @@ def explain(model, *example_inputs, example_kwargs: dict | None = None, target: 
             **options) -> ModelReport:  # fmt: skip
     """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
 
-    `options` are the backend's (`chunks`, `mlp`, `lm_head`, `keep_logits`; `compiler` is accepted
+    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `keep_logits`; `compiler` is accepted
     and unused). Runs with gradients enabled, as a training step does. Nothing is compiled; each
     graph runs unrewritten (on meta tensors that costs nothing). Raises what the model raises.
     """

@@ -9,7 +9,7 @@ amplified width W (I for an MLP, V for an LM head), element size s and chunks of
     mlp gated/fused  3·N·I·s (gate, up, h)      1·N·I·s                     0             6·c·I·s
     mlp plain        2·N·I·s (fc out, act)      1·N·I·s                     0             4·c·I·s
     mlp, checkpointed  0                        (kept + added)·N·I·s        0             as above
-    lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     2·c·V·s + 2·V·d·s
+    lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     max(2·c·V·s, (N+V)·d·s)
                                                 logits are returned
 
 Backward visits the sites in reverse (the report's order: MLPs in graph order, then the LM head;
@@ -21,12 +21,17 @@ The coefficients are read off Inductor's code for SwiGLU and GELU MLPs and the H
 is what the partitioner saves for backward; in an MLP's backward one N x I gradient is live on top
 (the others reuse the buffers of saved tensors past their last use). The LM head's gradient takes
 the place of the logits (their last use) unless the logits are returned: then that buffer stays, a
-compiled backward gets an N x V zero gradient for them, and the gradient needs its own. A chunked MLP keeps only its input,
-which the unrewritten MLP keeps too; the chunked LM head keeps the input and weight gradients it
-computes in forward, and while it does, one chunk's logits and their gradient are live, and the
-weight gradient's running sum is added to a chunk's part into a new tensor. An MLP inside an
-activation-checkpoint body keeps nothing (the checkpoint keeps the layer's input, either way) and
-recomputes its intermediates in its backward. A site left alone counts the same before and after; one without shapes counts 0.
+compiled backward gets an N x V zero gradient for them, and the gradient needs its own.
+
+Rewritten (`mst_fx.chunked_ops`): a chunked MLP keeps only its input, which the unrewritten MLP
+keeps too; its backward's chunk body recomputes gate and up and makes h, d(h), d(gate), d(up): six
+c x I tensors (four for a plain MLP). The weight gradients are accumulated in place, so no more
+than the gradients themselves. The chunked LM head keeps the input and weight gradients it
+computes in forward; while it does, one chunk's logits and their gradient are live (2·c·V·s), and
+in its backward the gradients are scaled into new tensors ((N+V)·d·s); the larger of the two is
+what it adds. An MLP inside an activation-checkpoint body keeps nothing (the checkpoint keeps the
+layer's input, either way) and recomputes its intermediates in its backward. A site left alone
+counts the same before and after; one without shapes counts 0.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ METHOD = (
     "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
     "2NIs (plain MLP), NVs (LM head); its backward adds NIs (MLP) or 0 (LM head; 2NVs if the logits are "
     "returned); a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain); the LM head keeps (N+V)ds "
-    "of gradients and adds 2cVs + 2Vds. Backward runs the sites in reverse: peak = max over sites i of (kept by "
+    "of gradients and adds the larger of 2cVs (a chunk's logits and their gradient) and (N+V)ds (the gradients scaled in its backward). Backward runs the sites in reverse: peak = max over sites i of (kept by "
     "sites 1..i + added by site i); saving = peak before - peak after."
 )
 

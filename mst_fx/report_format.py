@@ -11,7 +11,7 @@ from mst_fx.explain import InspectedGraph, ModelReport
 from mst_fx.memory_estimate import METHOD
 from mst_fx.passes import SiteReport
 
-SITE_COLUMNS = ["module", "kind", "N x d -> W", "chunks", "largest before", "largest after", "left alone because"]
+SITE_COLUMNS = ["module", "kind", "N x d -> W", "chunks x tokens", "largest before", "largest after", "left alone because"]
 TOTAL_COLUMNS = ["graph", "sites", "rewritten", "est. peak before", "est. peak after", "est. saving"]
 
 
@@ -60,10 +60,17 @@ def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list
     shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width}" if site.has_shapes else "-"
     kind = f"{site.kind} (checkpointed)" if site.checkpointed else site.kind
     row = [
-        site.location, kind, shape, str(site.chunks) if site.rewritten else "-",
+        site.location, kind, shape, _chunking(site),
         human_bytes(largest[0]), human_bytes(largest[1]), "" if site.rewritten else (site.reason or "?"),
     ]  # fmt: skip
     return ([graph.report.compile_id or "-"] if with_graph else []) + row
+
+
+def _chunking(site: SiteReport) -> str:
+    """M x C at the traced length: how many chunks, of how many tokens at most."""
+    if not site.rewritten:
+        return "-"
+    return f"{site.chunks} x {site.chunk_rows}" if site.chunk_rows is not None else str(site.chunks)
 
 
 def _total_rows(report: ModelReport) -> list[list[str]]:
