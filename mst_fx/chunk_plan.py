@@ -12,10 +12,12 @@ follows the length and one compiled graph serves every length.
   chunk's amplified tensor (C x W) is then about the size of the site's input (N x d), which the
   step holds anyway. Chunking finer saves nothing that matters next to the rest of the step.
 * `floor` is where chunking finer stops paying for itself in time: every chunk reads and writes the
-  whole weight gradient it accumulates into (a W x d matrix), and a chunk's weight-gradient matmul
-  does about C flops per byte of that traffic. A GPU needs hundreds of flops per byte to stay
-  compute-bound (H100: ~300), a CPU core a handful; so 1024 tokens on CUDA and 256 elsewhere.
-  At short lengths this floor is what keeps the LM head from being cut into dozens of slivers.
+  whole weight gradient it accumulates into (a W x d matrix of s-byte elements), and the chunk's
+  weight-gradient matmul does 2·C·W·d flops for those 2·W·d·s bytes, C / s flops per byte. An H100
+  needs about 300 flops per byte to stay compute-bound (990 TFLOP/s bf16 over 3.35 TB/s), so
+  C >= ~600 in bf16: 1024. A CPU needs a handful; 256 leaves room for the per-chunk overheads.
+  At short lengths this floor is what keeps the LM head from being cut into dozens of slivers
+  (it used to be 32 chunks of 64 tokens at 2048 tokens, at 0.4-0.57x Inductor's speed).
 
 A site whose (static) length fits in one such chunk is left alone: its amplified tensor is already
 no bigger than one chunk, so there is no memory to win and only a recompute to pay. A symbolic

@@ -12,7 +12,7 @@ all in one process, on three cases:
 
 How: the process's one-off costs are paid first on a throwaway compiled function; then per
 variant, --warmup steps, the first of which compiles (from an empty Inductor and Triton cache of its
-own unless --warm-cache; its wall time is "first step s"), then --steps measured steps
+own with --cold; its wall time is "first step s"), then --steps measured steps
 (forward + backward, grads set to None between steps); step ms is their median, timed with
 torch.cuda.synchronize(). Peak is torch.cuda.max_memory_allocated() over a measured step (reset
 right before it) minus torch.cuda.memory_allocated() before it, the highest over the measured steps;
@@ -215,7 +215,7 @@ def run_variant(case: str, variant: str, args) -> Result:
     size["tokens"] = args.tokens or size["tokens"]
     result = Result(case, variant, tokens=size["tokens"])
     print(f"{case}: {variant} ... ({time.perf_counter() - STARTED:.0f} s so far)", file=sys.stderr, flush=True)
-    with contextlib.nullcontext() if args.warm_cache else fresh_cache():
+    with fresh_cache() if args.cold else contextlib.nullcontext():
         _run(result, case, variant, size, args, cuda)
     return result
 
@@ -352,7 +352,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="measured steps (median time, max peak)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps; the first compiles")
     p.add_argument("--device", help="default: cuda, or cpu with --smoke")
-    p.add_argument("--warm-cache", action="store_true", help="share Inductor's cache across variants and runs")
+    p.add_argument("--cold", action="store_true", help="an empty Inductor cache per variant (longer run)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, fp32, CPU unless --device: tests the script")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
