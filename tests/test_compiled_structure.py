@@ -57,10 +57,12 @@ def test_no_graph_node_holds_an_amplified_tensor_larger_than_the_weight():
 def test_compile_time_and_peak_do_not_grow_with_the_chunk_count():
     """M=64 against M=4, each in a fresh process with Inductor's caches off: the time of the first
     training step less a later one's (compile, bodies included) within 1.5x, and the peak of a
-    step (VmHWM rise, MALLOC_MMAP_THRESHOLD_ so that freed memory leaves RSS) within 1.1x."""
-    few, many = _measure(chunks=4), _measure(chunks=64)
-    assert many["compile_s"] <= 1.5 * few["compile_s"], (few, many)
-    assert many["peak_kb"] <= 1.1 * few["peak_kb"], (few, many)
+    step (VmHWM rise, MALLOC_MMAP_THRESHOLD_ so that freed memory leaves RSS) within 1.1x. The
+    better of two runs each, as a machine's load only ever adds time."""
+    runs = {m: [_measure(chunks=m) for _ in range(2)] for m in (4, 64)}
+    few, many = ({key: min(r[key] for r in runs[m]) for key in runs[m][0]} for m in (4, 64))
+    assert many["compile_s"] <= 1.5 * few["compile_s"], runs
+    assert many["peak_kb"] <= 1.1 * few["peak_kb"], runs
 
 
 _CHILD = """
@@ -68,6 +70,9 @@ import json, sys, time, torch
 import mst_fx
 from mst_fx.models import MLPStack, random_batch
 T, D, I, V, chunks = map(int, sys.argv[1:])
+# One thread: the first step runs while Inductor's compile workers still hold the cores, and many
+# small chunks then wait at OpenMP barriers; that is scheduling noise, not compile time.
+torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.compile(MLPStack(V, D, I, layers=1), backend=mst_fx.backend(chunks=chunks))
 batch = random_batch(V, 1, T, ignore_every=7)
