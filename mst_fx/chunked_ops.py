@@ -45,7 +45,6 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from mst_fx import chunk_bodies
 from mst_fx.chunk_plan import ChunkPolicy
@@ -223,6 +222,16 @@ def _(site, x, weight, bias, target, needs, autocast_dtype):
 # ---------------------------------------------------------------- autograd: the ops as one function each
 
 
+def _refuse_double_backward() -> None:
+    """Gradients computed chunk by chunk are not themselves differentiable: under create_graph=True
+    (a gradient penalty) they would silently drop every second-order term through this site."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "mst: a chunked site (MLP or LM head) does not support double backward (create_graph=True); "
+            "compile with options={'mlp': False, 'lm_head': False} for second-order gradients"
+        )
+
+
 class _ChunkedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key: str, x: Tensor, *params: Tensor | None) -> Tensor:
@@ -233,8 +242,8 @@ class _ChunkedMLPFunction(torch.autograd.Function):
         return torch.ops.mst.mlp_forward(key, x, list(params), ctx.autocast)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        _refuse_double_backward()
         x, *params = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[1:])
         grads = iter(torch.ops.mst.mlp_backward(ctx.key, x, grad_out, params, needs, ctx.autocast))
@@ -251,8 +260,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss: Tensor):
+        _refuse_double_backward()
         # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
         scale = grad_loss.float()
         grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]

@@ -198,3 +198,15 @@ def test_a_chunk_body_inductor_cannot_compile_runs_uncompiled_and_says_so_once(m
     warnings = [r.getMessage() for r in caplog.records if "chunk body" in r.getMessage()]
     assert warnings == ["mst: Inductor failed to compile a chunk body (RuntimeError: simulated Inductor bug); "
                         "running it uncompiled"]  # fmt: skip
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+def test_double_backward_through_a_chunked_site_raises_instead_of_dropping_terms(compiler):
+    """A gradient penalty differentiates the gradients again. The chunked ops compute their
+    gradients chunk by chunk, outside autograd: a second derivative through them must be an error,
+    never a silently partial result."""
+    model = torch.compile(stack_of(SwiGLU(32, 96)), backend=mst_fx.backend(chunks=4, compiler=compiler))
+    loss = model(*random_batch(VOCAB, 2, 20))
+    with pytest.raises(RuntimeError, match="double backward|create_graph"):  # Inductor's own words, or ours
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
