@@ -134,18 +134,28 @@ def _is_row_op(node, vocab) -> bool:
     if is_call(node, (), _ROW_METHODS):
         return True  # input and output both end in V: only the leading dims were regrouped
     if is_call(node, {operator.getitem}):
-        index = node.args[1]
-        full = slice(None, None, None)
+        index = _full_index(node.args[1], len(shape_of(node.args[0])))
         return (
-            isinstance(index, tuple)
-            and len(index) == len(shape_of(node))
-            and index[-1] == full
-            and all(
-                isinstance(i, slice) and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))
-                for i in index
-            )
+            index is not None
+            and index[-1] == slice(None)
+            and all(all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step)) for i in index)
         )
     return False
+
+
+def _full_index(index, ndim: int) -> tuple[slice, ...] | None:
+    """`index` as one slice per dimension: `x[:, :-1]` and `x[..., :-1, :]` are `x[:, :-1, :]` on
+    3 dims (an Ellipsis stands for the dims it skips, trailing dims are whole); None for anything
+    but slices (an int would drop a dim, a tensor gather rows)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+    if len(index) > ndim:
+        return None
+    return index + (slice(None),) * (ndim - len(index))
 
 
 def _single_tensor_input(node) -> fx.Node | None:
@@ -183,18 +193,29 @@ def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSi
 
 
 def _logits_returned(between: list[fx.Node], loss: fx.Node) -> list[fx.Node]:
-    """Nodes of the logits that the graph returns; CantChunk if anything else uses them."""
+    """Nodes of the logits that the graph returns; CantChunk if anything else uses them (a dead
+    pure op, such as an unused `.float()`, is no use: the rewrite erases it)."""
     returned, inside = [], set(between) | {loss}
     for node in between:
         for user in node.users:
             if user.op == "output":
                 returned.append(node)
-            elif user not in inside:
+            elif user not in inside and not is_dead_pure(user):
                 raise CantChunk(f"the logits are also used by '{user.name}'")
     return returned
 
 
+def is_dead_pure(node: fx.Node) -> bool:
+    """Computes a value nobody reads, and does nothing else (no in-place update, no out=)."""
+    if node.users or node.op not in ("call_function", "call_method") or "out" in node.kwargs:
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return not (name.endswith("_") and not name.endswith("__")) and not node.is_impure()
+
+
 def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, policy: ChunkPolicy, compiler: str) -> None:
+    between = [*site.transform, *site.row_ops, *site.head.nodes]
+    erase_unused([user for node in between for user in list(node.users) if is_dead_pure(user)])
     name = f"mst_lm_head_{index}"
     widths = (site.report.in_width, site.report.amplified_width)
     head = ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), policy, widths, compiler)

@@ -178,3 +178,39 @@ def test_inductor_end_to_end(build):
     inputs = random_batch(VOCAB, 2, 37, ignore_every=7)
     kinds = assert_parity(build(), loss_of, inputs, chunks=4, compiler="inductor")
     assert kinds["lm_head"] == 1 and kinds["mlp gated"] == 2
+
+
+class ShiftedHead(nn.Module):
+    """An LM head whose logits are shifted the ways HF code writes it before the loss."""
+
+    def __init__(self, shift: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shift = shift
+        self.embed, self.head = nn.Embedding(VOCAB, 32), nn.Linear(32, VOCAB, bias=False)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.embed(ids))
+        shifted = logits[:, :-1] if self.shift == "trailing dim implicit" else logits[..., :-1, :]
+        return F.cross_entropy(shifted.reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("shift", ["trailing dim implicit", "ellipsis"])
+def test_hf_slicing_forms_of_the_shift(shift):
+    inputs = random_batch(VOCAB, 2, 30, ignore_every=5)
+    assert assert_parity(ShiftedHead(shift), loss_of, inputs, chunks=3) == {"lm_head": 1}
+
+
+def test_a_dead_op_on_the_logits_does_not_block_the_head():
+    """An unused `.float()` of the logits (left in a graph by code whose result went unused)."""
+    from test_saved_for_backward import dynamo_graph
+
+    gm, inputs = dynamo_graph(ShiftedHead("ellipsis"), *random_batch(VOCAB, 1, 64))
+    (head,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+    with gm.graph.inserting_after(head):
+        dead = gm.graph.call_method("float", (head,))
+        dead.meta["example_value"] = head.meta["example_value"].float()
+    gm.recompile()
+    rewritten, report = mst_fx.rewrite(gm, inputs, mst_fx.MstOptions(chunks=4))
+    assert [s.kind for s in report.rewritten()] == ["lm_head"]
+    assert not any(n.op == "call_method" and n.target == "float" for n in rewritten.graph.nodes)
