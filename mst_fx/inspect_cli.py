@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -76,16 +77,30 @@ DEFAULT_TOKENS = 4096
 SIZE_FLAGS = ("hidden", "intermediate", "vocab", "layers")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad argument
+        self.exit(2, f"mst-inspect: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mst-inspect", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = _Parser(prog="mst-inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"family ({', '.join(FAMILIES)}), config.json (or its folder), or module:function")
-    p.add_argument("--tokens", type=int, help=f"sequence length (default {DEFAULT_TOKENS})")
-    p.add_argument("--batch", type=int, help="sequences per batch (default 1)")
-    p.add_argument("--hidden", type=int, help="override the config's hidden size")
-    p.add_argument("--intermediate", type=int, help="override the config's MLP width")
-    p.add_argument("--vocab", type=int, help="override the config's vocabulary size")
-    p.add_argument("--layers", type=int, help="override the config's number of layers")
+    p.add_argument("--tokens", type=_positive, help=f"sequence length (default {DEFAULT_TOKENS})")
+    p.add_argument("--batch", type=_positive, help="sequences per batch (default 1)")
+    p.add_argument("--hidden", type=_positive, help="override the config's hidden size")
+    p.add_argument("--intermediate", type=_positive, help="override the config's MLP width")
+    p.add_argument("--vocab", type=_positive, help="override the config's vocabulary size")
+    p.add_argument("--layers", type=_positive, help="override the config's number of layers")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -104,6 +119,7 @@ def main(argv=None) -> int:
     try:
         options = _parse_options(args.options)
         model, call_args, call_kwargs, description = load_target(args)
+        _quiet_torch_errors()
         report = explain(model, *call_args, example_kwargs=call_kwargs, target=description, **options)
     except BadTarget as why:
         print(f"mst-inspect: error: {why}", file=sys.stderr)
@@ -119,6 +135,13 @@ def main(argv=None) -> int:
     else:
         _emit(report_format.to_table(report))
     return 0
+
+
+def _quiet_torch_errors() -> None:
+    """A model that fails to trace is reported in one line (exit 1); without this, the fake-tensor
+    machinery also logs the failure's whole traceback. TORCH_LOGS, when set, is left to decide."""
+    if "TORCH_LOGS" not in os.environ:
+        logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
 
 def _emit(text: str) -> None:
@@ -191,6 +214,7 @@ def _causal_lm(config, args, name: str):
     """The config's causal LM on meta, in training mode, with an input batch of meta token ids."""
     from transformers import AutoModelForCausalLM
 
+    _refuse_non_causal(config, name)
     tokens, batch = args.tokens or DEFAULT_TOKENS, args.batch or 1
     _resize(config, args, tokens)
     try:
@@ -221,8 +245,29 @@ def _from_config(auto_class, config):
         return auto_class.from_config(config, attn_implementation="eager")
 
 
+def _refuse_non_causal(config, name: str) -> None:
+    """A config written for another kind of model (BERT's `BertForMaskedLM`): transformers would
+    still build a causal-LM head on it, and the report would describe a model nobody trains."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not causal.intersection(architectures):
+        raise BadTarget(
+            f"{name} is a {', '.join(architectures)} ({config.model_type}), not a causal language model; "
+            "mst-inspect inspects causal LMs (a factory target can build anything else)"
+        )
+
+
 def _resize(config, args, tokens: int) -> None:
     """Apply --hidden/--intermediate/--vocab/--layers, and room for `tokens` positions."""
+    heads = getattr(config, "num_attention_heads", None)
+    if args.hidden and heads and args.hidden % heads:
+        raise BadTarget(f"--hidden {args.hidden} is not a multiple of the model's {heads} attention heads")
+    rotary = any("rope" in name for name in config.to_dict())
+    if args.hidden and heads and rotary and (args.hidden // heads) % 2:
+        raise BadTarget(f"--hidden {args.hidden} gives {heads} heads of odd width {args.hidden // heads}; rotary "
+                        "embeddings need an even one")  # fmt: skip
     if args.hidden:
         config.hidden_size = args.hidden
         if getattr(config, "head_dim", None):

@@ -265,10 +265,21 @@ def test_cli_config_json_and_factory_targets(tmp_path, monkeypatch, capsys):
         (["llama", "--options", "{not json"], "--options is not JSON"),
         (["llama", "--options", '{"chunk": 4}'], "unknown mst option"),
         (["json:loads", "--tokens", "4"], "--tokens apply to family and config targets"),
+        (["llama", "--tokens", "-5"], "--tokens: must be a positive integer, got -5"),
+        (["llama", "--tokens", "0"], "--tokens: must be a positive integer, got 0"),
+        (["llama", "--batch", "0"], "--batch: must be a positive integer"),
+        (["llama", "--layers", "0"], "--layers: must be a positive integer"),
+        (["llama", "--vocab", "0"], "--vocab: must be a positive integer"),
+        (["llama", "--tokens", "many"], "--tokens: must be a positive integer, got 'many'"),
+        (["llama", "--hidden", "102"], "--hidden 102 is not a multiple of the model's 4 attention heads"),
+        (["llama", "--hidden", "100"], "odd width 25; rotary embeddings need an even one"),
     ],
 )
 def test_cli_bad_target_exits_2_with_one_clear_line(argv, message, capsys):
-    assert main(argv) == 2
+    try:
+        assert main(argv) == 2
+    except SystemExit as exit:  # argparse's own checks end the parse
+        assert exit.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     (line,) = captured.err.strip().splitlines()
@@ -296,3 +307,13 @@ def test_cli_any_hugging_face_family_by_model_type(capsys):
     unbuildable = next(f for f in tiny_configs.causal_lm_families() if tiny_configs.why_not_built(f))
     assert main([unbuildable]) == 2
     assert f"{unbuildable} can't be inspected" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_config_written_for_another_kind_of_model(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)  # fmt: skip
+    assert main([str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is a BertForMaskedLM (bert), not a causal language model" in line
