@@ -209,6 +209,53 @@ def lift_chain(start: fx.Node, chain: list[fx.Node], name: str) -> fx.GraphModul
     return fx.GraphModule(torch.nn.Module(), graph, name)
 
 
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor,
+}  # fmt: skip
+
+
+def mutated_tensor(node: fx.Node):
+    """The tensor argument `node` updates in place (`x.mul_(2)`, `x += y`, `x[i] = v`,
+    `F.relu(x, inplace=True)`, `torch.add(a, b, out=x)`), or None."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return node.kwargs.get("out")
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    trailing_underscore = name.endswith("_") and not name.endswith("__")
+    if name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__") or trailing_underscore:
+        return node.args[0]
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return node.args[0]
+    return node.kwargs.get("out")
+
+
+def first_mutation_between(first: fx.Node, last: fx.Node, read: list) -> fx.Node | None:
+    """The first node after `first` and before `last` that updates in place a tensor sharing
+    storage with one of `read` (views included), or None. A rewrite that moves the reading of
+    `read` from `first` to `last` would read the updated values."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(value):
+        tensor = example_value(value)
+        try:
+            return None if tensor is None else StorageWeakRef(tensor.untyped_storage())
+        except (NotImplementedError, RuntimeError):  # no storage to compare: assume it may alias
+            return "unknown"
+
+    def may_alias(a, b) -> bool:
+        return isinstance(a, str) or isinstance(b, str) or a == b
+
+    watched = {storage(n) for n in read if isinstance(n, fx.Node)} - {None}
+    node = first.next
+    while node is not last and node.op != "output":
+        target = mutated_tensor(node)
+        mutated = storage(target) if isinstance(target, fx.Node) else None
+        if mutated is not None and any(may_alias(mutated, w) for w in watched):
+            return node
+        node = node.next
+    return None
+
+
 def only_used_by(nodes, allowed) -> fx.Node | None:
     """The first user of any of `nodes` outside `nodes` and `allowed`, or None."""
     inside = set(nodes) | set(allowed)

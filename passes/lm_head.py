@@ -44,6 +44,7 @@ from .graph_utils import (
     Linear,
     erase_unused,
     example_value,
+    first_mutation_between,
     is_call,
     is_elementwise_of,
     match_linear,
@@ -176,6 +177,12 @@ def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSi
         raise CantChunk("cross_entropy input has no example value")
     head, row_ops, transform = _walk_to_head(logits_in)
     logits_in, target, form = _cross_entropy_form(loss, head.transposed)
+    mutation = first_mutation_between(head.nodes[0], loss, [head.input, head.weight, head.bias])
+    if mutation is not None:
+        raise CantChunk(
+            f"'{mutation.name}' updates the head's input or weight in place before the loss; the "
+            "rewrite computes the head where the loss is and would read the updated values"
+        )
     between = [*head.nodes, *row_ops, *transform]
     logits_outputs = _logits_returned(between, loss)
     if logits_outputs and not training:

@@ -41,6 +41,7 @@ from .graph_utils import (
     elementwise_chain,
     erase_unused,
     example_value,
+    first_mutation_between,
     is_call,
     is_elementwise_of,
     is_inactive_dropout,
@@ -233,6 +234,14 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
     kind = "mlp fused" if form.fused else "mlp gated" if form.gated else "mlp plain"
     if escaped is not None:
         raise CantChunk(f"an intermediate of {kind} is also used by '{escaped.name}'")
+    order = {n: i for i, n in enumerate(down.out.graph.nodes)}
+    params = [gate.weight, gate.bias, *((up.weight, up.bias) if up else ()), down.weight, down.bias]
+    mutation = first_mutation_between(min(nodes, key=order.__getitem__), down.out, [gate.input, *params])
+    if mutation is not None:
+        raise CantChunk(
+            f"'{mutation.name}' updates the input or a weight of {kind} in place between its linears; "
+            "the rewrite computes the whole MLP at the last linear and would read the updated values"
+        )
     x_shape = shape_of(gate.input)
     if x_shape is None or len(x_shape) < 2:
         raise CantChunk(f"{kind}: the input has no usable shape")
