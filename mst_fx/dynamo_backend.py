@@ -15,9 +15,11 @@ import logging
 import torch
 from torch import fx
 
+from mst_fx.dropped_logits import mark_outputs
 from mst_fx.options import MstOptions
 from mst_fx.passes import GraphReport, run_passes
 from mst_fx.passes.graph_utils import copy_graph_module
+from mst_fx.passes.lm_head import dropped_logits_outputs
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
     rewritten, report = rewrite(gm, example_inputs, options)
     try:
         compiled = hand_off(rewritten, example_inputs, options.compiler, mode)
+        compiled = mark_outputs(compiled, dropped_logits_outputs(rewritten))
     except torch._dynamo.exc.RestartAnalysis:
         raise  # Dynamo's own control flow (it traces again), not a failure
     except Exception as error:  # the compiler rejected our graph: compile the user's instead

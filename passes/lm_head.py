@@ -23,6 +23,8 @@ After:
 
 In training the logits the model returns become that empty placeholder unless `keep_logits=True`,
 which leaves the site as it is (materialising N x V logits is what the rewrite exists to avoid).
+The backend hands it to the caller as a `mst_fx.dropped_logits.DroppedLogits`, which raises when
+computed with, and the manager says so once at WARNING level.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .graph_utils import (
 from .report import SiteReport
 
 _CROSS_ENTROPY = {F.cross_entropy}
+DROPPED_LOGITS = "mst_dropped_logits"  # node meta: this graph output stands for logits not computed
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 _ROW_METHODS = {"view", "reshape", "contiguous", "flatten"}
 
@@ -237,11 +240,19 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, polic
             logits = example_value(head.out)
             empty = graph.call_function(torch.empty, ((0,),), {"dtype": logits.dtype, "device": logits.device})
             empty.meta["example_value"] = logits.new_empty((0,))
+            empty.meta[DROPPED_LOGITS] = True
     chunked.meta.update(site.loss.meta)
     site.loss.replace_all_uses_with(chunked)
     for node in site.logits_outputs:
         node.replace_all_uses_with(empty)
     erase_unused([site.loss, *site.transform, *site.row_ops, *head.nodes])
+
+
+def dropped_logits_outputs(gm: fx.GraphModule) -> list[int]:
+    """Positions in the graph's outputs of the placeholders for logits the rewrite did not compute."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    return [i for i, v in enumerate(values) if isinstance(v, fx.Node) and v.meta.get(DROPPED_LOGITS)]
 
 
 def _replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> fx.Node:

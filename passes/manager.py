@@ -43,6 +43,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
             if site.logits_outputs:
                 _log_once(
                     ("keep_logits",),
+                    logging.WARNING,
                     "mst: %s returns empty logits in training to save their N x V "
                     "memory; pass options={'keep_logits': True} to keep them",
                     site.report.location,
@@ -79,6 +80,7 @@ def _log_report(report: GraphReport) -> None:
         else:
             _log_once(
                 (site.kind, site.location, site.reason),
+                logging.INFO,
                 "mst: left %s at %s alone: %s",
                 site.kind,
                 site.location,
@@ -86,7 +88,7 @@ def _log_report(report: GraphReport) -> None:
             )
 
 
-def _log_once(key: tuple, message: str, *args) -> None:
+def _log_once(key: tuple, level: int, message: str, *args) -> None:
     if key not in _already_logged:
         _already_logged.add(key)
-        log.info(message, *args)
+        log.log(level, message, *args)

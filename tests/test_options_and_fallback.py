@@ -140,10 +140,21 @@ def llama():
     return tiny_llama(hidden=32, intermediate=96, layers=1, vocab=VOCAB)
 
 
-def test_training_returns_empty_logits_by_default():
-    model = torch.compile(llama(), backend=mst_fx.backend(chunks=4, compiler="aot_eager"))
-    out = model(*random_batch(VOCAB, 1, 16)[:1], labels=random_batch(VOCAB, 1, 16)[1])
-    assert out.logits.numel() == 0 and out.loss.requires_grad
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+def test_training_drops_the_logits_loudly_and_says_so_once(compiler, caplog, monkeypatch):
+    monkeypatch.setattr("mst_fx.passes.manager._already_logged", set())
+    model = torch.compile(llama(), backend=mst_fx.backend(chunks=4, compiler=compiler))
+    ids, labels = random_batch(VOCAB, 1, 16)
+    with caplog.at_level(logging.WARNING, logger="mst_fx"):
+        for _ in range(2):
+            out = model(ids, labels=labels)
+            out.loss.backward()
+    assert out.logits.numel() == 0 and out.logits.shape == (0,) and "DroppedLogits" in repr(type(out.logits))
+    for use in (lambda t: t.mean(), lambda t: t.argmax(-1), lambda t: t + 1, lambda t: t.float()):
+        with pytest.raises(RuntimeError, match="keep_logits"):  # never a quiet NaN
+            use(out.logits)
+    warned = [r for r in caplog.records if "returns empty logits" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING]
 
 
 def test_keep_logits_returns_the_real_logits_and_leaves_the_head_alone():
