@@ -9,6 +9,7 @@ from typing import Any
 from mst_fx.chunk_plan import ChunkPolicy
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+GRAD_ACCUMULATIONS = ("fp32", "param")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,9 @@ class MstOptions:
     keep_logits: in training, still return the logits the model outputs (costs N x V memory,
                  so the LM head is then left as it is).
     compiler:    what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
+    grad_accumulation: where a chunked site sums its weight gradients over chunks: "fp32" (an fp32
+                 accumulator, whatever the weight's dtype) or "param" (in place in the weight's
+                 own dtype: no extra memory for bf16/fp16 weights, one rounding per chunk).
     """
 
     chunk_size: int | str = "auto"
@@ -32,6 +36,7 @@ class MstOptions:
     lm_head: bool = True
     keep_logits: bool = False
     compiler: str = "inductor"
+    grad_accumulation: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "chunks"):
@@ -49,6 +54,10 @@ class MstOptions:
                 raise ValueError(f"mst option {name!r} must be True or False, got {value!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
+        if self.grad_accumulation not in GRAD_ACCUMULATIONS:
+            raise ValueError(
+                f"mst option 'grad_accumulation' must be one of {GRAD_ACCUMULATIONS}, got {self.grad_accumulation!r}"
+            )
 
     @property
     def policy(self) -> ChunkPolicy:

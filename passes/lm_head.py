@@ -39,6 +39,7 @@ from torch import fx
 
 from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
+from mst_fx.options import MstOptions
 
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
@@ -223,12 +224,12 @@ def is_dead_pure(node: fx.Node) -> bool:
     return not (name.endswith("_") and not name.endswith("__")) and not node.is_impure()
 
 
-def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, policy: ChunkPolicy, compiler: str) -> None:
+def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, options: MstOptions) -> None:
     between = [*site.transform, *site.row_ops, *site.head.nodes]
     erase_unused([user for node in between for user in list(node.users) if is_dead_pure(user)])
     name = f"mst_lm_head_{index}"
     widths = (site.report.in_width, site.report.amplified_width)
-    head = ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), policy, widths, compiler)
+    head = ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), widths, options)
     gm.add_submodule(name, head)
     graph, head = gm.graph, site.head
     with graph.inserting_before(site.loss):

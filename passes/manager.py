@@ -39,7 +39,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     if options.lm_head:
         sites, skipped = find_lm_head_sites(gm, options.policy, is_training(example_inputs), options.keep_logits)
         for index, site in enumerate(sites):
-            rewrite_lm_head_site(gm, site, index, options.policy, options.compiler)
+            rewrite_lm_head_site(gm, site, index, options)
             if site.logits_outputs:
                 _log_once(
                     ("keep_logits",),
@@ -58,7 +58,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
 def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool) -> list[SiteReport]:
     sites, skipped = find_mlp_sites(gm, options.policy)
     for index, site in enumerate(sites):
-        rewrite_mlp_site(gm, site, index, options.policy, options.compiler)
+        rewrite_mlp_site(gm, site, index, options)
     if sites:
         gm.graph.lint()
         gm.recompile()

@@ -33,6 +33,7 @@ from torch import fx
 
 from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedMLP, MLPForm
+from mst_fx.options import MstOptions
 
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
@@ -255,10 +256,10 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
     return MLPSite(gate.input, gate, up, down, form, activation, nodes, report)
 
 
-def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, policy: ChunkPolicy, compiler: str) -> None:
+def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: MstOptions) -> None:
     name = f"mst_mlp_{index}"
     widths = (site.report.in_width, site.report.amplified_width)
-    gm.add_submodule(name, ChunkedMLP(site.form, site.activation, policy, widths, compiler))
+    gm.add_submodule(name, ChunkedMLP(site.form, site.activation, widths, options))
     up = site.up
     args = (
         site.x, site.gate.weight, site.gate.bias,

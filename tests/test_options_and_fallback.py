@@ -26,6 +26,9 @@ VOCAB = 300
         ({"keep_logits": 1}, "keep_logits"),
         ({"compiler": "tvm"}, "compiler"),
         ({"chunk": 4}, "chunk"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 512, "chunks": 4}, "chunk_size"),
+        ({"grad_accumulation": "bf16"}, "grad_accumulation"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(options, named):

@@ -24,12 +24,14 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("accumulation", ["fp32", "param"])
 @pytest.mark.parametrize("name", MODELS)
-def test_bf16_model_matches_eager(name):
+def test_bf16_model_matches_eager(name, accumulation):
     torch.manual_seed(0)
     model = MODELS[name]().to(torch.bfloat16)
     inputs = random_batch(VOCAB, 2, 37, ignore_every=7)
-    kinds = assert_parity(model, loss_of, inputs, rtol=1e-2, scaled_tol=BF16_TOL, chunks=4)
+    kinds = assert_parity(model, loss_of, inputs, rtol=1e-2, scaled_tol=BF16_TOL, chunks=4,
+                          grad_accumulation=accumulation)  # fmt: skip
     assert kinds == {"mlp gated": 2, "lm_head": 1}
 
 

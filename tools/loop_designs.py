@@ -69,14 +69,14 @@ def loop(step):
 
 if design == "mst":
     import mst_fx
-    from mst_fx.chunk_plan import ChunkPolicy
     from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
     from torch import fx
 
     form = CrossEntropyForm("mean", -100, 0.0, False)
     graph = fx.Graph()
     graph.output(graph.placeholder("logits"))
-    site = ChunkedLinearCrossEntropy(form, fx.GraphModule(torch.nn.Module(), graph), ChunkPolicy(count=chunks), (hidden, vocab))
+    transform = fx.GraphModule(torch.nn.Module(), graph)
+    site = ChunkedLinearCrossEntropy(form, transform, (hidden, vocab), mst_fx.MstOptions(chunks=chunks))
 
     def fn(x, w, y):
         loss, dx, dw = torch.ops.mst.linear_cross_entropy(site.key, x, w, None, y, [True, True, False], None)
