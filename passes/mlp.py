@@ -74,6 +74,7 @@ class MLPSite:
 def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSite], list[SiteReport]]:
     """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons)."""
     sites, skipped, claimed = [], [], set()
+    covered = set()  # nodes of every site found, rewritten or not: reported either way
     for node in gm.graph.nodes:
         down = match_linear(node)
         if down is None:
@@ -82,9 +83,11 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSit
             site = _match_mlp(down)
         except CantChunk as why:
             skipped.append(SiteReport("mlp", module_path(down.weight), False, str(why)))
+            covered.update(down.nodes)
             continue
         if site is None:
             continue
+        covered.update(site.nodes)
         if claimed.intersection(site.nodes):
             # A chain of linears (Zaya's router: fc1 -> gelu -> fc2 -> gelu -> out) matches twice,
             # overlapping on fc2; the first match keeps it.
@@ -101,7 +104,67 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSit
             continue
         sites.append(site)
         claimed.update(site.nodes)
-    return sites, skipped
+    return sites, skipped + _unmatched_mlp_shapes(gm, covered)
+
+
+def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
+    """Reports for MLP-shaped pairs no matcher took: a widening linear (out >= 2 x in) whose output
+    reaches a narrowing linear through elementwise ops only, such as an MLP whose linears each have
+    a LoRA adapter added (`linear(x, W) + linear(linear(x, A), B) * s`). Rewriting those is a
+    matcher's job; this only makes sure such a site is never missed in silence."""
+    reports, seen = [], set()
+    for node in gm.graph.nodes:
+        first = match_linear(node)
+        if first is None or node in covered or not _widens(first) or match_linear(first.input) is not None:
+            continue  # (a linear fed by a linear is an adapter's second half, not an MLP's first)
+        found = _narrowing_linear_after(first)
+        if found is None:
+            continue
+        second, joint = found
+        if second.out in covered or second.out in seen:
+            continue
+        seen.add(second.out)
+        reason = (
+            f"MLP-shaped (a widening linear, then '{joint.name}' ({_describe_op(joint)}), then a narrowing one), "
+            "in a form the MLP pass does not match: the linears' outputs are combined with other tensors "
+            "(a LoRA adapter added to each linear is one such form)"
+        )
+        reports.append(SiteReport("mlp", module_path(first.weight, second.weight), False, reason))
+    return reports
+
+
+def _widens(linear: Linear) -> bool:
+    widths = shape_of(linear.input), shape_of(linear.out)
+    return None not in widths and widths[1][-1] >= 2 * widths[0][-1]
+
+
+def _narrowing_linear_after(first: Linear, max_nodes: int = 24):
+    """(second linear, the first op joining another tensor) for a linear reached from `first`'s
+    output through elementwise ops that maps back to `first`'s input width (d -> I -> d), or None.
+    Only paths that join another tensor count: a plain chain is a form the matcher knows, and so
+    was already reported if it was left alone."""
+    start, start_input = first.out, first.input
+    shape, todo, seen = shape_of(start), [(start, None)], set()
+    while todo and len(seen) < max_nodes:
+        node, joint = todo.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            linear = match_linear(user)
+            if linear is not None and linear.input is node:
+                if joint is not None and shape_of(linear.out)[-1] == shape_of(start_input)[-1]:
+                    return linear, joint  # back to the first linear's input width: d -> I -> d
+                continue
+            if is_elementwise_of(user, shape):
+                others = [a for a in user.all_input_nodes if a is not node and example_value(a) is not None]
+                todo.append((user, joint or (user if others else None)))
+    return None
+
+
+def _describe_op(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target} with another tensor"
 
 
 def _match_mlp(down: Linear) -> MLPSite | None:

@@ -272,3 +272,40 @@ def test_an_input_updated_in_place_before_the_rewrite_point_is_left_alone(build,
         kinds = rewritten_kinds()
     assert not any(k.startswith(kind) for k in kinds)
     assert any(r.startswith(kind) and "in place" in r for r in skipped_reasons()), skipped_reasons()
+
+
+class LoraLinear(nn.Module):
+    """A linear with a LoRA adapter, as PEFT computes it: base(x) + B(A(x)) * scale."""
+
+    def __init__(self, d_in, d_out, rank=4):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+        self.lora_a, self.lora_b = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x)) * 0.5
+
+
+class LoraSwiGLU(nn.Module):
+    def __init__(self, d=32, intermediate=96, bias=False):
+        super().__init__()
+        self.gate, self.up, self.down = LoraLinear(d, intermediate), LoraLinear(d, intermediate), LoraLinear(intermediate, d)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def test_an_mlp_in_a_form_the_pass_does_not_match_is_reported_not_missed():
+    """PEFT LoRA on gate, up and down: not rewritten (yet), but never silently: one report per MLP."""
+    kinds = assert_parity(stack_of(LoraSwiGLU()), loss_of, random_batch(VOCAB, 2, 20), chunks=4)
+    assert kinds == {"lm_head": 1}
+    reports = [s for r in mst_fx.compiled_reports() for s in r.left_alone() if s.kind == "mlp"]
+    assert len(reports) == 1 and "MLP-shaped" in reports[0].reason and "LoRA" in reports[0].reason
+    assert reports[0].location.endswith("blocks.0"), reports[0].location
+
+
+def test_plain_models_get_no_mlp_shaped_reports():
+    torch.manual_seed(0)
+    assert_parity(tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB), loss_of,
+                  random_batch(VOCAB, 2, 20), chunks=4)  # fmt: skip
+    assert not any("MLP-shaped" in r for r in skipped_reasons())
