@@ -84,7 +84,10 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, keep_logits: boo
         try:
             site = _match_lm_head(node, training, keep_logits)
             rows = example_value(site.head.input)
-            plan_site(site.report, policy, is_symbolic(shape_of(site.target)), rows.device.type)
+            symbolic = is_symbolic(shape_of(site.target))
+            plan_site(site.report, policy, symbolic, rows.device.type)
+            if policy == ChunkPolicy() and not symbolic:
+                _refuse_if_estimated_to_cost(site.report)
         except CantChunk as why:
             head = _find_head(node)
             location = module_path(head.weight) if head else node.name
@@ -92,6 +95,22 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, keep_logits: boo
             continue
         sites.append(site)
     return sites, skipped
+
+
+def _refuse_if_estimated_to_cost(report: SiteReport) -> None:
+    """Under "auto", leave alone a head the estimate says the rewrite would make costlier: the
+    gradients it computes in forward, (N + V) x d, held through the backward (and scaled into new
+    tensors there) outweigh the N x V logits when d is large and the logits are not returned."""
+    from mst_fx.memory_estimate import estimate_site
+
+    memory = estimate_site(report)
+    before, after = memory.kept_before + memory.added_before, memory.kept_after + memory.added_after
+    if after >= before:
+        raise CantChunk(
+            f"the estimate says the rewrite would cost memory here ({after / 2**20:.1f} MiB against "
+            f"{before / 2**20:.1f} MiB: the {report.tokens} x {report.amplified_width} logits are smaller than "
+            "the gradients it would hold); set chunk_size=<int> to force"
+        )
 
 
 def _cross_entropy_form(loss: fx.Node, transposed: bool) -> tuple[fx.Node, fx.Node, CrossEntropyForm]:

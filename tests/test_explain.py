@@ -317,3 +317,27 @@ def test_cli_refuses_a_config_written_for_another_kind_of_model(tmp_path, capsys
     assert main([str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "is a BertForMaskedLM (bert), not a causal language model" in line
+
+
+class BareHead(nn.Module):
+    """An embedding and an LM head whose logits are not returned."""
+
+    def __init__(self, d, vocab):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        return F.cross_entropy(self.head(self.embed(ids)).view(-1, self.head.out_features), labels.view(-1))
+
+
+@pytest.mark.parametrize("hidden, rewritten", [(256, True), (4096, False)])
+def test_auto_leaves_a_head_alone_where_the_estimate_says_the_rewrite_costs(hidden, rewritten):
+    with torch.device("meta"):
+        model = BareHead(hidden, 32000)
+    ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
+    (head,) = mst_fx.explain(model, ids, ids).sites
+    assert head.rewritten == rewritten
+    assert rewritten or "the estimate says the rewrite would cost memory" in head.reason
+    assert mst_fx.explain(model, ids, ids).estimate.saving >= 0
+    (forced,) = mst_fx.explain(model, ids, ids, chunk_size=512).sites
+    assert forced.rewritten
