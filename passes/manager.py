@@ -33,7 +33,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     """Rewrite `gm` in place; return what was found."""
     report = GraphReport()
     if options.mlp:
-        report.sites += _rewrite_mlps(gm, options, checkpointed=False)
+        report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=is_training(example_inputs))
         for body in checkpoint_bodies(gm):
             report.sites += _rewrite_mlps(body, options, checkpointed=True)
     if options.lm_head:
@@ -55,8 +55,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> Graph
     return report
 
 
-def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool) -> list[SiteReport]:
-    sites, skipped = find_mlp_sites(gm, options.policy)
+def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool, training=False) -> list[SiteReport]:
+    sites, skipped = find_mlp_sites(gm, options.policy, training)
     for index, site in enumerate(sites):
         rewrite_mlp_site(gm, site, index, options)
     if sites:

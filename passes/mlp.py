@@ -71,8 +71,9 @@ class MLPSite:
     report: SiteReport
 
 
-def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSite], list[SiteReport]]:
-    """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons)."""
+def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = False):
+    """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons). `training`:
+    the graph computes gradients, so a widening linear whose output leaves it is worth a report."""
     sites, skipped, claimed = [], [], set()
     covered = set()  # nodes of every site found, rewritten or not: reported either way
     for node in gm.graph.nodes:
@@ -104,7 +105,8 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[MLPSit
             continue
         sites.append(site)
         claimed.update(site.nodes)
-    return sites, skipped + _unmatched_mlp_shapes(gm, covered)
+    cut = _cut_across_graphs(gm, covered) if training else []
+    return sites, skipped + _unmatched_mlp_shapes(gm, covered) + cut
 
 
 def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
@@ -131,6 +133,44 @@ def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[Sit
         )
         reports.append(SiteReport("mlp", module_path(first.weight, second.weight), False, reason))
     return reports
+
+
+def _cut_across_graphs(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
+    """Reports for widening linears whose output leaves the graph through elementwise ops only:
+    the first half of an MLP (or an LM head) whose other half is in another graph, after a graph
+    break or where DDP's optimizer splits the graph at a gradient-bucket boundary."""
+    reports = []
+    for node in gm.graph.nodes:
+        first = match_linear(node)
+        if first is None or node in covered or not _widens(first) or match_linear(first.input) is not None:
+            continue
+        if _leaves_graph(first.out):
+            reports.append(SiteReport("mlp", module_path(first.weight), False, _CUT_REASON))
+    return reports
+
+
+_CUT_REASON = (
+    "a widening linear whose output leaves this graph through elementwise ops only: an MLP (or an LM "
+    "head) cut across two graphs, by a graph break or by DDP splitting the graph at a gradient-bucket "
+    "boundary, can't be rewritten (with DDP, torch._dynamo.config.optimize_ddp = 'python_reducer' or "
+    "False keeps it whole)"
+)
+
+
+def _leaves_graph(start: fx.Node, max_nodes: int = 16) -> bool:
+    """Every path from `start` runs through elementwise ops of its shape to the graph's output."""
+    shape, todo, seen = shape_of(start), [start], set()
+    while todo and len(seen) < max_nodes:
+        node = todo.pop()
+        for user in node.users:
+            if user.op == "output":
+                continue
+            if not is_elementwise_of(user, shape):
+                return False
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return not todo and any(u.op == "output" for n in [start, *seen] for u in n.users)
 
 
 def _widens(linear: Linear) -> bool:

@@ -309,3 +309,23 @@ def test_plain_models_get_no_mlp_shaped_reports():
     assert_parity(tiny_llama(hidden=32, intermediate=96, layers=2, vocab=VOCAB), loss_of,
                   random_batch(VOCAB, 2, 20), chunks=4)  # fmt: skip
     assert not any("MLP-shaped" in r for r in skipped_reasons())
+
+
+class BrokenMLP(nn.Module):
+    """An MLP with a graph break between its linears: Dynamo compiles two graphs, each with half."""
+
+    def __init__(self, d=32, intermediate=96, bias=False):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, intermediate), nn.Linear(intermediate, d)
+
+    def forward(self, x):
+        hidden = F.gelu(self.fc(x))
+        torch._dynamo.graph_break()  # as DDP's optimizer splits a graph at a bucket boundary
+        return self.proj(hidden)
+
+
+def test_an_mlp_cut_across_graphs_is_reported_not_missed():
+    kinds = assert_parity(stack_of(BrokenMLP()), loss_of, random_batch(VOCAB, 2, 20), chunks=4)
+    assert not any(k.startswith("mlp") for k in kinds)
+    reasons = [r for r in skipped_reasons() if "cut across two graphs" in r]
+    assert len(reasons) == 1 and "optimize_ddp" in reasons[0]
