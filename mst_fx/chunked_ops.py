@@ -9,14 +9,14 @@ by chunk and calls a chunk body that Inductor compiled once per chunk shape (`ch
         out = empty(N, d)
         for c in chunks:   out[c] = forward_body(x[c], params)
     MLP, backward      mst::mlp_backward(site, x, grad_out, params, needs)
-        grad_x = empty(N, d);  grad_W = zeros_like(W) for each weight
+        grad_x = empty(N, d);  grad_W = zeros(W.shape, fp32) for each weight
         for c in chunks:
             dx, (dz, inp) per linear = gradient_body(x[c], grad_out[c], params)   # recompute + grads
             grad_x[c] = dx;  grad_W.addmm_(dz.T, inp);  grad_b += dz.sum(0)
     LM head + loss     mst::linear_cross_entropy(site, x, W, b, target, needs)
         (the loss is the graph's last node: its gradient is a scalar, so the forward computes the
          gradients too, with no recompute, as torch core's F.linear_cross_entropy and Liger do)
-        loss = 0;  grad_x = empty(N, d);  grad_W = zeros_like(W)
+        loss = 0;  grad_x = empty(N, d);  grad_W = zeros(W.shape, fp32)
         for c in chunks:
             loss_c, dx, dz = gradient_body(x[c], 1 / count, W, b, target[c])
             loss += loss_c;  grad_x[c] = dx;  grad_W.addmm_(dz.T, x[c])
@@ -25,7 +25,8 @@ by chunk and calls a chunk body that Inductor compiled once per chunk shape (`ch
 What lives where:
     across the whole step   x, the output / grad_x (N x d), one accumulator per weight, the loss
     one chunk at a time     the body's inputs and outputs: x[c], dz and h (N/M x I, N/M x V)
-    nowhere                 any N x I or N x V tensor, or a weight-sized partial per chunk
+    nowhere                 any N x I or N x V tensor; for fp32 weights, any weight-sized partial
+                            (bf16/fp16 weights: one chunk's product at a time, see Precision)
 
 Chunk lengths come from the site's `ChunkPolicy` (`chunk_plan.py`) at run time, so under dynamic
 shapes the number of chunks follows the length and one compiled graph serves every length.
