@@ -151,9 +151,10 @@ def explain(model, *example_inputs, example_kwargs: dict | None = None, target: 
             **options) -> ModelReport:  # fmt: skip
     """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
 
-    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `keep_logits`; `compiler` is accepted
-    and unused). Runs with gradients enabled, as a training step does. Nothing is compiled; each
-    graph runs unrewritten (on meta tensors that costs nothing). Raises what the model raises.
+    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `keep_logits`,
+    `grad_accumulation`; `compiler` is accepted and unused). Runs with gradients enabled, as a
+    training step does. Nothing is compiled; each graph runs unrewritten (on meta tensors that costs
+    nothing). Raises what the model raises.
     """
     resolved = MstOptions.from_mapping(options)
     graphs: list[InspectedGraph] = []
