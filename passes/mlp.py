@@ -115,10 +115,7 @@ def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[Sit
     a LoRA adapter added (`linear(x, W) + linear(linear(x, A), B) * s`). Rewriting those is a
     matcher's job; this only makes sure such a site is never missed in silence."""
     reports, seen = [], set()
-    for node in gm.graph.nodes:
-        first = match_linear(node)
-        if first is None or node in covered or not _widens(first) or match_linear(first.input) is not None:
-            continue  # (a linear fed by a linear is an adapter's second half, not an MLP's first)
+    for first in _unclaimed_widening_linears(gm, covered):
         found = _narrowing_linear_after(first)
         if found is None:
             continue
@@ -139,14 +136,11 @@ def _cut_across_graphs(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteRe
     """Reports for widening linears whose output leaves the graph through elementwise ops only:
     the first half of an MLP (or an LM head) whose other half is in another graph, after a graph
     break or where DDP's optimizer splits the graph at a gradient-bucket boundary."""
-    reports = []
-    for node in gm.graph.nodes:
-        first = match_linear(node)
-        if first is None or node in covered or not _widens(first) or match_linear(first.input) is not None:
-            continue
-        if _leaves_graph(first.out):
-            reports.append(SiteReport("mlp", module_path(first.weight), False, _CUT_REASON))
-    return reports
+    return [
+        SiteReport("mlp", module_path(first.weight), False, _CUT_REASON)
+        for first in _unclaimed_widening_linears(gm, covered)
+        if _leaves_graph(first.out)
+    ]
 
 
 _CUT_REASON = (
@@ -171,6 +165,15 @@ def _leaves_graph(start: fx.Node, max_nodes: int = 16) -> bool:
                 seen.add(user)
                 todo.append(user)
     return not todo and any(u.op == "output" for n in [start, *seen] for u in n.users)
+
+
+def _unclaimed_widening_linears(gm: fx.GraphModule, covered: set[fx.Node]):
+    """Linears widening their input (out >= 2 x in) that no site found holds: candidates for an
+    MLP's first linear. A linear fed by a linear is an adapter's second half, not an MLP's first."""
+    for node in gm.graph.nodes:
+        linear = match_linear(node)
+        if linear is not None and node not in covered and _widens(linear) and match_linear(linear.input) is None:
+            yield linear
 
 
 def _widens(linear: Linear) -> bool:
