@@ -14,8 +14,9 @@ from torch import Tensor
 MESSAGE = (
     "mst: these logits were not computed. In training, mst computes the loss without materialising "
     "the N x V logits, which is the memory it saves; the model returns this empty placeholder instead. "
-    "Compile with options={'keep_logits': True} to get them (the LM head is then left as it is), or "
-    "run under torch.no_grad() (inference graphs keep their logits)."
+    "Compile with options={'keep_logits': True} to get them (the LM head is then left as it is), "
+    "run under torch.no_grad() (inference graphs keep their logits), or compile with "
+    "mst_fx.compile(model): a model in eval mode then keeps its logits."
 )
 
 # What may be read without computing anything.

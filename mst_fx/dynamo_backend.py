@@ -23,6 +23,24 @@ from mst_fx.passes.lm_head import dropped_logits_outputs
 
 log = logging.getLogger(__name__)
 
+
+def _skip_transformers_warning_once() -> None:
+    """Let Dynamo trace through `logger.warning_once(...)` calls in Hugging Face models' forward.
+
+    transformers adds `warning_once` to every `logging.Logger`; Dynamo can't trace it, so each call
+    is a graph break. `GPT2LMHeadModel` built from a plain `GPT2Config` calls it between its LM head
+    and its loss (`loss_type=None`), and the break leaves the head unrewritten. Dynamo's own setting
+    for this makes such calls no-ops in compiled code: the message, an advisory printed once, is
+    then not printed from there."""
+    import transformers.utils.logging  # noqa: F401  (it installs Logger.warning_once)
+
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None:
+        torch._dynamo.config.ignore_logger_methods.add(warning_once)
+
+
+_skip_transformers_warning_once()
+
 _recent_reports: list[GraphReport] = []
 _KEPT_REPORTS = 64
 
@@ -53,8 +71,9 @@ def backend(**options):
     return mst
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None):
-    rewritten, report = rewrite(gm, example_inputs, options)
+def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None, model_training=None):
+    """`model_training`: the compiled model's `training` flag when known (`mst_fx.compile`), else None."""
+    rewritten, report = rewrite(gm, example_inputs, options, model_training)
     try:
         compiled = hand_off(rewritten, example_inputs, options.compiler, mode)
         compiled = mark_outputs(compiled, dropped_logits_outputs(rewritten))
@@ -73,11 +92,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
     return compiled
 
 
-def rewrite(gm: fx.GraphModule, example_inputs, options: MstOptions) -> tuple[fx.GraphModule, GraphReport]:
+def rewrite(
+    gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None = None
+) -> tuple[fx.GraphModule, GraphReport]:
     """(rewritten copy of gm, report); (gm itself, report) when nothing was rewritten."""
     work = copy_graph_module(gm)
     try:
-        report = run_passes(work, example_inputs, options)
+        report = run_passes(work, example_inputs, options, model_training)
     except Exception as error:
         log.warning(
             "mst: a pass failed on this graph (%s: %s); compiling it unrewritten",

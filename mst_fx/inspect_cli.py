@@ -223,9 +223,6 @@ def _causal_lm(config, args, name: str):
     except ValueError as why:  # no causal-LM class for this config
         raise BadTarget(f"{name}: {(str(why).strip().splitlines() or [''])[0]}") from None
     model = model.to(getattr(torch, args.dtype)).train()
-    if getattr(model, "loss_type", "unset") is None:
-        # Without one, HF warns inside forward: a graph break between the head and the loss.
-        model.loss_type = "ForCausalLM"
     ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
     sizes = ", ".join(f"{label} {getattr(config, field, '?')}" for label, field in _SIZE_FIELDS)
     description = f"{name}: {type(model).__name__}, {sizes}, {batch} x {tokens} tokens, {args.dtype}"

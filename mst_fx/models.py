@@ -72,11 +72,7 @@ def tiny_gpt2(hidden=128, layers=2, vocab=1000, heads=4, **overrides):
         n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=4096,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides,
     )  # fmt: skip
-    model = GPT2LMHeadModel(config)
-    # Without a `loss_type`, HF logs a warning inside forward: a graph break between the head and
-    # the loss, which then can't be rewritten together.
-    model.loss_type = "ForCausalLM"
-    return model
+    return GPT2LMHeadModel(config)
 
 
 def enable_checkpointing(model) -> None:

@@ -224,9 +224,6 @@ def tiny_model(model_type: str, seed: int = 0, attn_implementation: str = "sdpa"
         log.debug("%s: %s; using eager attention", model_type, error)
         torch.manual_seed(seed)
         model = model_class._from_config(config, attn_implementation="eager")
-    # Without a `loss_type`, some families log a warning inside forward: a graph break between
-    # the head and the loss, which then can't be rewritten together.
-    model.loss_type = "ForCausalLM"
     return model.train()
 
 

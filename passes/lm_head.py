@@ -75,14 +75,18 @@ class LMHeadSite:
     report: SiteReport
 
 
-def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, keep_logits: bool):
-    """Sites to rewrite, and reports of the cross-entropy sites left alone (with reasons)."""
+def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits: str):
+    """Sites to rewrite, and reports of the cross-entropy sites left alone (with reasons).
+
+    `returned_logits`: what to do with a site whose logits the graph returns in training: "drop"
+    them, "keep" them (option keep_logits=True) or keep them because the model is in "eval mode"
+    (Liger-Kernel's rule: logits are dropped only in train mode)."""
     sites, skipped = [], []
     for node in gm.graph.nodes:
         if not is_call(node, _CROSS_ENTROPY):
             continue
         try:
-            site = _match_lm_head(node, training, keep_logits)
+            site = _match_lm_head(node, training, returned_logits)
             rows = example_value(site.head.input)
             symbolic = is_symbolic(shape_of(site.target))
             plan_site(site.report, policy, symbolic, rows.device.type)
@@ -194,7 +198,7 @@ def _find_head(loss) -> Linear | None:
         return None
 
 
-def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSite:
+def _match_lm_head(loss: fx.Node, training: bool, returned_logits: str) -> LMHeadSite:
     logits_in = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"]
     if example_value(logits_in) is None:
         raise CantChunk("cross_entropy input has no example value")
@@ -210,8 +214,10 @@ def _match_lm_head(loss: fx.Node, training: bool, keep_logits: bool) -> LMHeadSi
     logits_outputs = _logits_returned(between, loss)
     if logits_outputs and not training:
         raise CantChunk("the logits are an output of an inference graph (nothing to save)")
-    if logits_outputs and keep_logits:
+    if logits_outputs and returned_logits == "keep":
         raise CantChunk("the logits are a graph output and keep_logits=True")
+    if logits_outputs and returned_logits == "eval mode":
+        raise CantChunk("the logits are a graph output and the model is in eval mode (logits are dropped in train mode only)")
     x_shape, logits = shape_of(head.input), example_value(head.out)
     report = SiteReport(
         "lm_head", module_path(head.weight), True,

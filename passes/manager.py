@@ -29,15 +29,17 @@ log = logging.getLogger(__name__)
 _already_logged: set[tuple] = set()
 
 
-def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions) -> GraphReport:
-    """Rewrite `gm` in place; return what was found."""
+def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None = None) -> GraphReport:
+    """Rewrite `gm` in place; return what was found. `model_training`: the model's `training` flag
+    when the caller knows it (`mst_fx.compile`); a model in eval mode keeps the logits it returns."""
     report = GraphReport()
     if options.mlp:
         report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=is_training(example_inputs))
         for body in checkpoint_bodies(gm):
             report.sites += _rewrite_mlps(body, options, checkpointed=True)
     if options.lm_head:
-        sites, skipped = find_lm_head_sites(gm, options.policy, is_training(example_inputs), options.keep_logits)
+        logits = "keep" if options.keep_logits else "eval mode" if model_training is False else "drop"
+        sites, skipped = find_lm_head_sites(gm, options.policy, is_training(example_inputs), logits)
         for index, site in enumerate(sites):
             rewrite_lm_head_site(gm, site, index, options)
             if site.logits_outputs:
