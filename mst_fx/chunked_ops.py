@@ -287,6 +287,16 @@ class MLPForm:
     gate_index: int  # fused only: which half goes through the activation
     act_first: bool  # gated only: the product is act * up (else up * act)
     transposed: bool  # weights stored (in, out): GPT-2's Conv1D
+    adapters: tuple[AdapterForm | None, ...] = (None, None, None)  # LoRA on gate, up, down
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterForm:
+    """A LoRA adapter on one of the MLP's linears: `base(x) + B(A(x')) * scale` (see passes/adapters.py)."""
+
+    scale: float
+    input_dtype: torch.dtype | None  # x' = x.to(input_dtype); None: x itself
+    output_dtype: torch.dtype | None  # the sum cast to this; None: left as it is
 
 
 class ChunkedMLP(_ChunkedSite):
@@ -297,23 +307,37 @@ class ChunkedMLP(_ChunkedSite):
         self.form, self.activation = form, activation
         self.register(form, activation.code)
 
-    def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b):
+    def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights):
+        """`adapter_weights`: A and B of each linear's LoRA adapter (None, None where it has none)."""
         rows = x.reshape(-1, x.shape[-1])
-        out = _ChunkedMLPFunction.apply(self.key, rows, gate_w, gate_b, up_w, up_b, down_w, down_b)
+        out = _ChunkedMLPFunction.apply(self.key, rows, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def chunk(self, linear, x, params, *extra):
-        form, t = self.form, self.form.transposed
-        gate = linear(x, 0, 1 if params[1] is not None else None, t)
+        form = self.form
+        gate = self._linear(linear, 0, x, params)
         if form.fused:
             halves = gate.chunk(2, dim=-1)
             gate, up = halves[form.gate_index], halves[1 - form.gate_index]
         elif form.gated:
-            up = linear(x, 2, 3 if params[3] is not None else None, t)
+            up = self._linear(linear, 1, x, params)
         hidden = self.activation(gate)
         if form.gated:
             hidden = hidden * up if form.act_first else up * hidden
-        return linear(hidden, 4, 5 if params[5] is not None else None, t)
+        return self._linear(linear, 2, hidden, params)
+
+    def _linear(self, linear, which: int, x, params):
+        """The gate (0), up (1) or down (2) linear, with its adapter if it has one. Params hold
+        weight and bias of each linear (0-5), then A and B of each adapter (6-11)."""
+        w, b = 2 * which, 2 * which + 1
+        out = linear(x, w, b if params[b] is not None else None, self.form.transposed)
+        adapter = self.form.adapters[which]
+        if adapter is None:
+            return out
+        a_in = x if adapter.input_dtype is None else x.to(adapter.input_dtype)
+        low_rank = linear(linear(a_in, 6 + w, None, False), 7 + w, None, False)
+        out = out + low_rank * adapter.scale
+        return out if adapter.output_dtype is None else out.to(adapter.output_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.policy.describe()}, {self.form}"

@@ -1,6 +1,7 @@
 """MLP pass: linear -> elementwise activation -> linear, rewritten into a `ChunkedMLP`.
 
-Matched forms (any elementwise activation; biases or not; GPT-2's Conv1D counts as a linear):
+Matched forms (any elementwise activation; biases or not; GPT-2's Conv1D counts as a linear, and
+so does a linear with a LoRA adapter added, `passes/adapters.py`):
 
     gated   out = down(act(gate(x)) * up(x))          (either operand order)
     fused   g, u = gate_up(x).chunk(2, -1); out = down(act(g) * u)
@@ -32,9 +33,10 @@ import torch
 from torch import fx
 
 from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.chunked_ops import ChunkedMLP, MLPForm
+from mst_fx.chunked_ops import AdapterForm, ChunkedMLP, MLPForm
 from mst_fx.options import MstOptions
 
+from .adapters import AdaptedLinear, match_adapted_linear, match_any_linear
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
     CantChunk,
@@ -76,8 +78,9 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
     the graph computes gradients, so a widening linear whose output leaves it is worth a report."""
     sites, skipped, claimed = [], [], set()
     covered = set()  # nodes of every site found, rewritten or not: reported either way
+    inside_adapted = _inside_adapted_linears(gm)
     for node in gm.graph.nodes:
-        down = match_linear(node)
+        down = None if node in inside_adapted else match_any_linear(node)
         if down is None:
             continue
         try:
@@ -109,11 +112,18 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
     return sites, skipped + _unmatched_mlp_shapes(gm, covered) + cut
 
 
+def _inside_adapted_linears(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes of linears with a LoRA adapter other than their output: the base linear in there is
+    not an MLP's last linear, the whole adapted linear is."""
+    adapted = (match_adapted_linear(node) for node in gm.graph.nodes)
+    return {n for linear in adapted if linear is not None for n in linear.nodes if n is not linear.out}
+
+
 def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
     """Reports for MLP-shaped pairs no matcher took: a widening linear (out >= 2 x in) whose output
-    reaches a narrowing linear through elementwise ops only, such as an MLP whose linears each have
-    a LoRA adapter added (`linear(x, W) + linear(linear(x, A), B) * s`). Rewriting those is a
-    matcher's job; this only makes sure such a site is never missed in silence."""
+    reaches a narrowing linear through elementwise ops joining other tensors, such as hidden units
+    scaled by a per-channel parameter, or a DoRA adapter. Rewriting those is a matcher's job; this
+    only makes sure such a site is never missed in silence."""
     reports, seen = [], set()
     for first in _unclaimed_widening_linears(gm, covered):
         found = _narrowing_linear_after(first)
@@ -125,8 +135,7 @@ def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[Sit
         seen.add(second.out)
         reason = (
             f"MLP-shaped (a widening linear, then '{joint.name}' ({_describe_op(joint)}), then a narrowing one), "
-            "in a form the MLP pass does not match: the linears' outputs are combined with other tensors "
-            "(a LoRA adapter added to each linear is one such form)"
+            "in a form the MLP pass does not match: the linears' outputs are combined with other tensors"
         )
         reports.append(SiteReport("mlp", module_path(first.weight, second.weight), False, reason))
     return reports
@@ -225,7 +234,7 @@ def _match_mlp(down: Linear) -> MLPSite | None:
                     return site
     hidden = down.input
     fc_out = _chain_source(hidden)
-    fc = match_linear(fc_out) if fc_out is not hidden else None
+    fc = match_any_linear(fc_out) if fc_out is not hidden else None
     if fc is None:
         _explain_plain_near_miss(hidden)
         return None  # not linear -> activation -> linear (or no activation at all)
@@ -242,7 +251,7 @@ def _match_gated(down, product, act_side, up_side, act_first, identities) -> MLP
         chain = elementwise_chain(gate_out, act_side)
         form = MLPForm(True, True, gate_index, act_first, gate_up.transposed)
         return _site(down, gate_up, None, form, gate_out, chain, [product, split, gate_out, up_side, *identities])
-    gate, up = match_linear(gate_out), match_linear(up_side)
+    gate, up = match_any_linear(gate_out), match_any_linear(up_side)
     if gate is None and up is not None:
         _explain_near_miss(act_side, up.input)
     if gate is None or up is None or gate.out is up.out:
@@ -262,7 +271,7 @@ def _fused_halves(gate_half, up_half):
     split = gate_half.args[0]
     if split is not up_half.args[0] or not _is_last_dim_halving(split):
         return None
-    gate_up = match_linear(split.args[0])
+    gate_up = match_any_linear(split.args[0])
     if gate_up is None or {gate_half.args[1], up_half.args[1]} != {0, 1}:
         return None
     return gate_up, split, gate_half.args[1]
@@ -284,7 +293,7 @@ def _chain_source(end: fx.Node) -> fx.Node | None:
         if node in seen:
             continue
         seen.add(node)
-        if is_elementwise_of(node, shape) and match_linear(node) is None:
+        if is_elementwise_of(node, shape) and match_any_linear(node) is None:
             todo.extend(a for a in node.all_input_nodes if example_value(a) is not None)
         else:
             leaves.add(node)
@@ -341,8 +350,15 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
     kind = "mlp fused" if form.fused else "mlp gated" if form.gated else "mlp plain"
     if escaped is not None:
         raise CantChunk(f"an intermediate of {kind} is also used by '{escaped.name}'")
+    random = next((a.random for a in (gate, up, down) if isinstance(a, AdaptedLinear) and a.random), None)
+    if random is not None:
+        raise CantChunk(
+            f"'{random.name}', a LoRA adapter's dropout with p > 0, is random: a recompute would draw a "
+            "different mask (lora_dropout=0 makes the site chunkable)"
+        )
     order = {n: i for i, n in enumerate(down.out.graph.nodes)}
     params = [gate.weight, gate.bias, *((up.weight, up.bias) if up else ()), down.weight, down.bias]
+    params += [w for w in _adapter_weights(gate, up, down) if w is not None]
     mutation = first_mutation_between(min(nodes, key=order.__getitem__), down.out, [gate.input, *params])
     if mutation is not None:
         raise CantChunk(
@@ -359,7 +375,20 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
         amplified_width=size_hint(hidden.shape[-1]), itemsize=hidden.element_size(),
     )  # fmt: skip
     activation = lift_chain(act_in, chain, "Activation")
+    form = dataclasses.replace(form, adapters=tuple(_adapter_form(linear) for linear in (gate, up, down)))
     return MLPSite(gate.input, gate, up, down, form, activation, nodes, report)
+
+
+def _adapter_form(linear: Linear | None) -> AdapterForm | None:
+    if not isinstance(linear, AdaptedLinear):
+        return None
+    return AdapterForm(linear.scale, linear.input_dtype, linear.output_dtype)
+
+
+def _adapter_weights(gate, up, down) -> list[fx.Node | None]:
+    """A and B of each linear's adapter, in the order ChunkedMLP takes them (None where none)."""
+    adapted = [linear if isinstance(linear, AdaptedLinear) else None for linear in (gate, up, down)]
+    return [w for a in adapted for w in ((a.lora_a, a.lora_b) if a else (None, None))]
 
 
 def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: MstOptions) -> None:
@@ -372,6 +401,8 @@ def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: Mst
         up.weight if up else None, up.bias if up else None,
         site.down.weight, site.down.bias,
     )  # fmt: skip
+    if any(site.form.adapters):
+        args += tuple(_adapter_weights(site.gate, up, site.down))
     with gm.graph.inserting_before(site.down.out):
         chunked = gm.graph.call_module(name, args)
     chunked.meta.update(site.down.out.meta)
