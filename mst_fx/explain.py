@@ -16,8 +16,14 @@ example inputs are moved to meta when the model is there.
 
 `last_report()` covers the graphs the `mst` backend compiled since the last `mst_fx.clear_reports()`
 (at most the last 64), oldest first. Dynamo compiles one graph per frame (a graph break starts a new
-frame) and compiles a frame again when its guards fail (new shapes, grad mode): the totals count the
-latest compile of each frame, so that a recompile replaces its frame's graph and a graph break adds one.
+frame) and compiles a frame again when its guards fail (new shapes, grad mode). The totals count what
+one step runs: within a frame, a later graph replaces every earlier one holding any of its sites (the
+same locations), so a recompile for a new length or grad mode replaces its frame's graph, while graphs
+of one frame that hold other sites all count: each layer under FSDP2 (its hooks make a layer's
+forward a frame of its own, compiled again per layer when a guard on the layer fails, such as HF's
+`layer_idx`), each block compiled on its own, each piece DDP's optimizer cuts a graph into. A graph
+break adds a frame. A graph that Dynamo reuses unchanged for several layers (their guards all pass)
+is compiled, reported and counted once, under the layer it was compiled for.
 
 JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
 
@@ -28,7 +34,8 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
     estimated_peak_bytes   {"before", "after", "saving"}: all counted graphs together
     graphs                 list, oldest first, each:
       compile_id             Dynamo's "frame/recompile" id, or null
-      counted                whether the graph is in the overall totals (latest compile of its frame)
+      counted                whether the graph is in the overall totals (no later graph of its frame
+                             holds any of its sites)
       estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
       sites                  list, in graph order, each:
         kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
@@ -100,15 +107,21 @@ class ModelReport:
 
     @property
     def counted_graphs(self) -> list[InspectedGraph]:
-        """The latest compile of each Dynamo frame: what one step runs."""
+        """What one step runs: of each Dynamo frame, the graphs no later graph replaces (module doc)."""
         counted = self._counted_indices()
         return [g for i, g in enumerate(self.graphs) if i in counted]
 
     def _counted_indices(self) -> set[int]:
-        latest = {}
+        # A graph replaces the earlier graphs of its frame that hold any of its sites (a recompile for
+        # a new length or grad mode), not those holding other sites: FSDP2 compiles each layer as a
+        # recompile of one frame, and by frame alone the layers would replace each other.
+        kept: dict[str, list[tuple[int, set[str]]]] = {}
         for index, graph in enumerate(self.graphs):
-            latest[graph.report.frame or f"#{index}"] = index
-        return set(latest.values())
+            locations = {site.location for site in graph.report.sites}
+            same_frame = kept.setdefault(graph.report.frame or f"#{index}", [])
+            same_frame[:] = [(i, held) for i, held in same_frame if not _replaces(locations, held)]
+            same_frame.append((index, locations))
+        return {i for same_frame in kept.values() for i, _ in same_frame}
 
     @property
     def counted_sites(self) -> list[SiteReport]:
@@ -135,6 +148,12 @@ class ModelReport:
             raise ValueError(f"not an mst-fx report: format {data.get('format')!r}, expected {FORMAT!r}")
         graphs = [InspectedGraph(GraphReport.from_dict(g)) for g in data["graphs"]]
         return cls(graphs, data.get("options"), data.get("target"))
+
+
+def _replaces(later: set[str], earlier: set[str]) -> bool:
+    """A later graph of a frame replaces an earlier one holding any of its sites (a graph with none
+    replaces only one with none)."""
+    return bool(later & earlier) or not (later or earlier)
 
 
 def _graph_dict(graph: InspectedGraph, counted: bool) -> dict[str, Any]:

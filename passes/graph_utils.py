@@ -7,11 +7,14 @@ The graphs are Dynamo's: torch-level calls (`torch._C._nn.linear`, `F.silu`, `op
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import operator
 import os
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -283,13 +286,23 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 _PATH_SEPARATOR = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
 
+# While the passes run on one Dynamo graph: its parameter placeholders' names in the module the user
+# compiled, keyed by placeholder name in lower case (see `names_in_compiled_module`).
+_compiled_names: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mst_compiled_names", default={})
+
 
 def parameter_path(node) -> str:
-    """`model.layers.0.mlp.gate_proj.weight` from Dynamo's placeholder name for that parameter."""
+    """`model.layers.0.mlp.gate_proj.weight`: the parameter's name in the module the user compiled
+    when it is known (`names_in_compiled_module`), else read from Dynamo's placeholder name, which is
+    relative to the traced frame's `self`."""
     if not isinstance(node, fx.Node):
         return "?"
     if node.op == "get_attr":
         return str(node.target)
+    return _compiled_names.get().get(str(node.target).lower()) or _path_in_frame(node)
+
+
+def _path_in_frame(node: fx.Node) -> str:
     # Outer graphs name it `L_self_modules_..._weight_` (`L_args_0_modules_...` when the traced frame
     # is a decorator's wrapper, whose first argument is the module), checkpoint bodies `l_self_...`.
     name = re.sub(r"^[Ll]_(self_|args_0_)?", "", str(node.target)).rstrip("_")
@@ -301,3 +314,84 @@ def module_path(*weights) -> str:
     drop = 1 if len(weights) == 1 else 2  # "lm_head.weight" -> lm_head; "mlp.up.weight" -> mlp
     owners = [parameter_path(w).split(".")[:-drop] for w in weights]
     return ".".join(os.path.commonprefix(owners)) or "<graph>"
+
+
+@contextlib.contextmanager
+def names_in_compiled_module(gm: fx.GraphModule, example_inputs):
+    """Within it, `parameter_path` names `gm`'s parameters (and those of the checkpoint bodies it
+    calls) as the module the user compiled names them.
+
+    Dynamo names a placeholder after the traced frame's `self`. When that frame is one layer's
+    forward, as under FSDP2 (its hooks break the graph at every sharded module) or when each block
+    is compiled on its own, that drops the layer's prefix: `mlp.gate_proj.weight`, not
+    `model.layers.1.mlp.gate_proj.weight`. The example inputs are the parameters themselves, so
+    their names are looked up by identity in the outermost module being called (which is on the
+    Python stack while Dynamo compiles). A name is only taken when it agrees with Dynamo's (one ends
+    with the other), so a lookup can add a prefix or drop a wrapper's, never rename a parameter.
+    """
+    token = _compiled_names.set(_names_by_placeholder(gm, example_inputs))
+    try:
+        yield
+    finally:
+        _compiled_names.reset(token)
+
+
+def _names_by_placeholder(gm: fx.GraphModule, example_inputs) -> dict[str, str]:
+    root = _outermost_module_on_stack()
+    if root is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):  # tied weights: every name
+        names.setdefault(id(param), []).append(name)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for node, value in zip(placeholders, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            continue
+        in_frame = _path_in_frame(node)
+        agreeing = [n for n in names.get(id(value), ()) if _agree(n, in_frame)]
+        if agreeing:
+            # A checkpoint body names the same parameter with the outer name in lower case.
+            found[str(node.target).lower()] = agreeing[0]
+    return found
+
+
+def _agree(name: str, in_frame: str) -> bool:
+    """`model.layers.1.mlp.up.weight` and `mlp.up.weight`, or `blocks.0.up.weight` and DDP's
+    `module.blocks.0.up.weight`: one is the other with a prefix."""
+    return name == in_frame or name.endswith("." + in_frame) or in_frame.endswith("." + name)
+
+
+def _outermost_module_on_stack() -> torch.nn.Module | None:
+    """The outermost `nn.Module` whose method is running: the model the user called, unwrapped from
+    torch.compile's `OptimizedModule` and DDP, whose prefixes (`_orig_mod.`, `module.`) the user never
+    wrote. None when no module is running (a graph compiled directly)."""
+    outermost, frame = None, sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":  # read locals only where `self` may be
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, torch.nn.Module) and not isinstance(candidate, fx.GraphModule):
+                outermost = candidate
+        frame = frame.f_back
+    return None if outermost is None else _unwrapped(outermost)
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(module, OptimizedModule):
+            module = module._orig_mod
+        elif _is_ddp(module):
+            module = module.module
+        else:
+            return module
+
+
+def _is_ddp(module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel)

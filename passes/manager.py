@@ -20,8 +20,9 @@ from torch import fx
 from mst_fx.options import MstOptions
 
 from .checkpoint_bodies import checkpoint_bodies
+from .graph_utils import names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
-from .mlp import find_mlp_sites, rewrite_mlp_site
+from .mlp import CUT_REASON, find_mlp_sites, rewrite_mlp_site
 from .report import GraphReport, SiteReport
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ _already_logged: set[tuple] = set()
 def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None = None) -> GraphReport:
     """Rewrite `gm` in place; return what was found. `model_training`: the model's `training` flag
     when the caller knows it (`mst_fx.compile`); a model in eval mode keeps the logits it returns."""
+    with names_in_compiled_module(gm, example_inputs):  # sites' locations as the user's model names them
+        report = _run_passes(gm, example_inputs, options, model_training)
+    _log_report(report)
+    return report
+
+
+def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None) -> GraphReport:
     report = GraphReport()
     if options.mlp:
         report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=is_training(example_inputs))
@@ -53,7 +61,6 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_tr
         report.sites += [s.report for s in sites] + skipped
     gm.graph.lint()
     gm.recompile()
-    _log_report(report)
     return report
 
 
@@ -76,6 +83,17 @@ def is_training(example_inputs) -> bool:
 
 
 def _log_report(report: GraphReport) -> None:
+    cut = [s for s in report.sites if s.reason == CUT_REASON]
+    if cut and _ddp_optimizer_split_this_graph():
+        _log_once(
+            ("ddp_optimizer",),
+            logging.WARNING,
+            "mst: DDP's graph optimizer split the model's graph at its gradient buckets, cutting MLPs "
+            "in two (the first at %s), and a cut MLP can't be rewritten; set "
+            "torch._dynamo.config.optimize_ddp = False before the first compiled step to keep each "
+            "graph whole",
+            cut[0].location,
+        )
     for site in report.sites:
         if site.rewritten:
             log.debug("mst: rewrote %s at %s into %d chunks", site.kind, site.location, site.chunks)
@@ -88,6 +106,17 @@ def _log_report(report: GraphReport) -> None:
                 site.location,
                 site.reason,
             )
+
+
+def _ddp_optimizer_split_this_graph() -> bool:
+    """Dynamo is compiling a DDP module's forward with its `DDPOptimizer`, which cuts the graph
+    wherever a gradient bucket fills (`torch._dynamo.convert_frame` decides it the same way)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch._dynamo.utils import get_optimize_ddp_mode
+    from torch.nn.parallel import DistributedDataParallel
+
+    return get_optimize_ddp_mode() == "ddp_optimizer" and DistributedDataParallel._get_active_ddp_module() is not None
 
 
 def _log_once(key: tuple, level: int, message: str, *args) -> None:

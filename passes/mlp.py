@@ -146,13 +146,13 @@ def _cut_across_graphs(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteRe
     the first half of an MLP (or an LM head) whose other half is in another graph, after a graph
     break or where DDP's optimizer splits the graph at a gradient-bucket boundary."""
     return [
-        SiteReport("mlp", module_path(first.weight), False, _CUT_REASON)
+        SiteReport("mlp", module_path(first.weight), False, CUT_REASON)
         for first in _unclaimed_widening_linears(gm, covered)
         if _leaves_graph(first.out)
     ]
 
 
-_CUT_REASON = (
+CUT_REASON = (
     "a widening linear whose output leaves this graph through elementwise ops only: an MLP (or an LM "
     "head) cut across two graphs, by a graph break or by DDP splitting the graph at a gradient-bucket "
     "boundary, can't be rewritten (with DDP, torch._dynamo.config.optimize_ddp = 'python_reducer' or "

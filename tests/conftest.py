@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import socket
 
 import pytest
 import torch
@@ -70,3 +71,10 @@ def loss_of(model, ids, labels):
     if hasattr(model, "config") or hasattr(getattr(model, "_orig_mod", None), "config"):
         return model(ids, labels=labels).loss
     return model(ids, labels)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a 2-process rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import sequence_parallel_worker as worker
+from conftest import free_port
 
 WORLD = 2
 TIMEOUT_S = 180  # both ranks together; a hung collective fails the test instead of the run
@@ -54,18 +55,12 @@ def _deepspeed_importable() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("deepspeed", "einops"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{(engine, rank): what that rank's worker saved}; both engines share one launch of 2 processes."""
     out = tmp_path_factory.mktemp("sequence_parallel")
     engines = ["funcol"] + (["deepspeed"] if _deepspeed_importable() else [])
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parent.parent
     procs = [
