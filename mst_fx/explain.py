@@ -39,15 +39,18 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
       estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
       sites                  list, in graph order, each:
         kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
+                               | "attention" (one per attention mask, shared by the SDPA calls that take it)
         location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
         rewritten              true | false
         reason                 why the site was left alone, or null
         chunks                 M, the number of mini-sequences at the traced length (its size hint
                                when dynamic: the runtime cuts each call's own length), or null
         chunk_rows             tokens in the largest of them, or null
-        tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown)
+        tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown);
+                               attention: B x Nq rows, head width, Nkv, 1 (the bool mask's)
         logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
+        calls                  attention: the SDPA calls that take the mask (null for other kinds)
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
 
@@ -170,7 +173,7 @@ def explain(model, *example_inputs, example_kwargs: dict | None = None, target: 
             **options) -> ModelReport:  # fmt: skip
     """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
 
-    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `keep_logits`,
+    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `attention`, `keep_logits`,
     `grad_accumulation`; `compiler` is accepted and unused). Runs with gradients enabled, as a
     training step does. Nothing is compiled; each graph runs unrewritten (on meta tensors that costs
     nothing). Raises what the model raises.

@@ -107,6 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["float32", "bfloat16", "float16"],
         help="parameter dtype for family and config targets (default float32)",
     )
+    p.add_argument(
+        "--attention-mask",
+        action="store_true",
+        help="pass an all-ones attention_mask, as HF Trainer's collators do (transformers then builds an N x N mask)",
+    )
     p.add_argument("--options", default="{}", help="backend options as JSON, e.g. '{\"chunks\": 8}'")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="the report as JSON (keys: see mst_fx.explain)")
@@ -226,7 +231,11 @@ def _causal_lm(config, args, name: str):
     ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
     sizes = ", ".join(f"{label} {getattr(config, field, '?')}" for label, field in _SIZE_FIELDS)
     description = f"{name}: {type(model).__name__}, {sizes}, {batch} x {tokens} tokens, {args.dtype}"
-    return model, (ids,), {"labels": ids, "use_cache": False}, description
+    kwargs = {"labels": ids, "use_cache": False}
+    if args.attention_mask:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+        description += ", all-ones attention_mask"
+    return model, (ids,), kwargs, description
 
 
 _SIZE_FIELDS = (("hidden", "hidden_size"), ("vocab", "vocab_size"), ("layers", "num_hidden_layers"))

@@ -11,6 +11,10 @@ amplified width W (I for an MLP, V for an LM head), element size s and chunks of
     mlp, checkpointed  0                        (kept + added)·N·I·s        0             as above
     lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     max(2·c·V·s, (N+V)·d·s)
                                                 logits are returned
+    attention        B·Nq·Nkv (the bool mask)   0                           0             0
+
+(An attention site is one mask, whatever the number of layers sharing it; its N is B·Nq rows and
+its W is Nkv. Rewritten, no mask is built for a batch without padding, the case estimated.)
 
 Backward visits the sites in reverse (the report's order: MLPs in graph order, then the LM head;
 graphs in compile order), and a site's kept tensors are freed once its backward is done, so
@@ -48,6 +52,7 @@ _COEFFICIENTS = {
     "mlp fused": (3, 1, 6),
     "mlp plain": (2, 1, 4),
     "lm_head": (1, 0, 2),
+    "attention": (1, 0, 0),
 }
 
 METHOD = (
@@ -55,7 +60,7 @@ METHOD = (
     "the sites' own tensors: the rest of the model is the same with and without mst. Per site, N tokens, "
     "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
     "2NIs (plain MLP), NVs (LM head); its backward adds NIs (MLP) or 0 (LM head; 2NVs if the logits are "
-    "returned); a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain); the LM head keeps (N+V)ds "
+    "returned); an attention mask keeps B Nq Nkv bytes; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain); the LM head keeps (N+V)ds "
     "of gradients and adds the larger of 2cVs (a chunk's logits and their gradient) and (N+V)ds (the gradients scaled in its backward). Backward runs the sites in reverse: peak = max over sites i of (kept by "
     "sites 1..i + added by site i); saving = peak before - peak after."
 )

@@ -22,6 +22,8 @@ class MstOptions:
                  follows the length). Give chunk_size or chunks, not both.
     mlp:         rewrite linear -> activation -> linear blocks.
     lm_head:     rewrite linear -> cross_entropy (the logits are never materialised).
+    attention:   give SDPA calls whose mask is provably causal `is_causal=True` and no mask (with
+                 padding possible: a runtime choice between that and the masked call).
     keep_logits: in training, still return the logits the model outputs (costs N x V memory,
                  so the LM head is then left as it is).
     compiler:    what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
@@ -34,6 +36,7 @@ class MstOptions:
     chunks: int | str = "auto"
     mlp: bool = True
     lm_head: bool = True
+    attention: bool = True
     keep_logits: bool = False
     compiler: str = "inductor"
     grad_accumulation: str = "fp32"
@@ -48,7 +51,7 @@ class MstOptions:
                 f"mst options 'chunk_size' ({self.chunk_size}) and 'chunks' ({self.chunks}) both fix the "
                 "chunking; give one of them"
             )
-        for name in ("mlp", "lm_head", "keep_logits"):
+        for name in ("mlp", "lm_head", "attention", "keep_logits"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"mst option {name!r} must be True or False, got {value!r}")

@@ -34,7 +34,7 @@ def to_table(report: ModelReport) -> str:
     if rows:
         parts.append(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
     else:
-        parts.append("no MLP or LM-head site found")
+        parts.append("no MLP, LM-head or attention-mask site found")
     parts.append(tabulate(_total_rows(report), headers=TOTAL_COLUMNS, tablefmt="github", disable_numparse=True))
     method = METHOD
     unknown = sum(not s.has_shapes for s in report.counted_sites)
@@ -58,6 +58,8 @@ def _graph_name(graph: InspectedGraph, index: int) -> str:
 def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list[str]:
     largest = site.largest_intermediate_bytes or (None, None)
     shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width}" if site.has_shapes else "-"
+    if site.kind == "attention" and site.has_shapes:
+        shape = f"mask {site.tokens} x {site.amplified_width}, {site.calls} calls"
     kind = f"{site.kind} (checkpointed)" if site.checkpointed else site.kind
     row = [
         site.location, kind, shape, _chunking(site),
@@ -70,6 +72,8 @@ def _chunking(site: SiteReport) -> str:
     """M x C at the traced length: how many chunks, of how many tokens at most."""
     if not site.rewritten:
         return "-"
+    if site.kind == "attention":
+        return "is_causal"
     return f"{site.chunks} x {site.chunk_rows}" if site.chunk_rows is not None else str(site.chunks)
 
 

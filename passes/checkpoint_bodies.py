@@ -25,7 +25,7 @@ from torch import fx
 
 from .graph_utils import copy_graph_module
 
-_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
 
 def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
@@ -41,7 +41,7 @@ def checkpoint_bodies(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
 def _is_checkpoint_call(node: fx.Node) -> bool:
     return (
         node.op == "call_function"
-        and node.target is _CHECKPOINT
+        and node.target is CHECKPOINT
         and isinstance(node.args[0], fx.Node)
         and node.args[0].op == "get_attr"
     )

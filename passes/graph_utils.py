@@ -316,6 +316,21 @@ def module_path(*weights) -> str:
     return ".".join(os.path.commonprefix(owners)) or "<graph>"
 
 
+def qualified_module_path(graph: fx.Graph, frame_path: str) -> str:
+    """`frame_path`, a module's path relative to the traced frame (`self_attn` in a layer's frame),
+    with the prefix the module the user compiled gives it (`model.layers.3.self_attn`), read off a
+    parameter of that module among the graph's placeholders; `frame_path` itself when none is there."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        in_frame = _path_in_frame(node)
+        if in_frame.startswith(frame_path + "."):
+            full = parameter_path(node)
+            if full.endswith(in_frame):
+                return full[: len(full) - len(in_frame)] + frame_path
+    return frame_path
+
+
 @contextlib.contextmanager
 def names_in_compiled_module(gm: fx.GraphModule, example_inputs):
     """Within it, `parameter_path` names `gm`'s parameters (and those of the checkpoint bodies it

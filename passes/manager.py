@@ -1,11 +1,14 @@
 """Applies the rewrites to one Dynamo graph, in this order:
 
-1. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
+1. `attention.py`: an SDPA whose mask is provably causal gets `is_causal=True` and no mask (under
+   a runtime choice on the padding when there may be some), in the graph and its checkpoint bodies.
+2. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
    in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
-2. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
+3. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
 
-The two never claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
-cross_entropy), so the order only fixes the order of the report. Every site is matched first, then
+No two claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
+cross_entropy, attention is SDPA and its mask), so the order only fixes the order of the report: that of the forward, where the mask is built
+before the first layer. Every site is matched first, then
 all matched sites are rewritten; a site the matcher can't handle is reported with its reason and
 left as it is.
 """
@@ -19,6 +22,7 @@ from torch import fx
 
 from mst_fx.options import MstOptions
 
+from .attention import find_attention_sites, rewrite_attention_site
 from .checkpoint_bodies import checkpoint_bodies
 from .graph_utils import names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
@@ -41,9 +45,12 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_tr
 
 def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None) -> GraphReport:
     report = GraphReport()
+    bodies = list(checkpoint_bodies(gm))
+    if options.attention:
+        report.sites += _rewrite_attention(gm, bodies)
     if options.mlp:
         report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=is_training(example_inputs))
-        for body in checkpoint_bodies(gm):
+        for body in bodies:
             report.sites += _rewrite_mlps(body, options, checkpointed=True)
     if options.lm_head:
         logits = "keep" if options.keep_logits else "eval mode" if model_training is False else "drop"
@@ -62,6 +69,17 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_t
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list[SiteReport]:
+    sites = find_attention_sites(gm, bodies)
+    for site in sites:
+        if site.report.rewritten:
+            rewrite_attention_site(gm, site)
+    for body in bodies:
+        body.graph.lint()
+        body.recompile()
+    return [s.report for s in sites]
 
 
 def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool, training=False) -> list[SiteReport]:

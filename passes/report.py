@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class SiteReport:
-    kind: str  # "mlp gated", "mlp fused", "mlp plain" or "lm_head"
+    kind: str  # "mlp gated", "mlp fused", "mlp plain", "lm_head" or "attention" (one per mask)
     location: str  # owning module, recovered from parameter names, e.g. "model.layers.0.mlp"
     rewritten: bool
     reason: str | None = None  # why the site was left alone
@@ -24,6 +24,7 @@ class SiteReport:
     itemsize: int | None = None
     logits_returned: bool | None = None  # lm_head: the graph also returns the N x V logits (None: not read)
     checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
+    calls: int | None = None  # attention: the SDPA calls that take this mask (one per layer)
 
     @property
     def has_shapes(self) -> bool:
@@ -44,6 +45,8 @@ class SiteReport:
         if None in (self.tokens, self.amplified_width, self.itemsize):
             return None
         row_bytes = self.amplified_width * self.itemsize
+        if self.kind == "attention":  # the mask, B*Nq rows of Nkv booleans, gone when rewritten
+            return self.tokens * row_bytes, 0 if self.rewritten else self.tokens * row_bytes
         return self.tokens * row_bytes, self.largest_chunk_tokens * row_bytes
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,12 +37,19 @@ def explain_llama(**options) -> ModelReport:
     return mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False}, **options)
 
 
-def test_tiny_llama_lists_every_mlp_and_the_head_as_rewritten_with_the_backends_chunks():
+def row_of(table: str, location: str) -> str:
+    """The table's row for the site at `location`."""
+    return next(line for line in table.splitlines() if line.startswith(f"| {location} "))
+
+
+def test_tiny_llama_lists_every_site_as_rewritten_with_the_backends_chunks():
     report = explain_llama()
-    expected = [f"model.layers.{i}.mlp" for i in range(LAYERS)] + ["lm_head"]
+    # With use_cache=False and no attention_mask, transformers builds an N x N (packed-sequence) mask.
+    expected = ["model.layers.0.self_attn"] + [f"model.layers.{i}.mlp" for i in range(LAYERS)] + ["lm_head"]
     assert [s.location for s in report.sites] == expected
-    assert [s.kind for s in report.sites] == ["mlp gated"] * LAYERS + ["lm_head"]
-    assert all(s.rewritten and s.chunks > 1 for s in report.sites)
+    assert [s.kind for s in report.sites] == ["attention"] + ["mlp gated"] * LAYERS + ["lm_head"]
+    assert report.sites[0].rewritten and report.sites[0].calls == LAYERS
+    assert all(s.rewritten and s.chunks > 1 for s in report.sites[1:])
     assert report.sites[-1].logits_returned  # HF returns the logits too
 
     # The same model, real and compiled by the backend: the same sites, split the same way.
@@ -60,7 +67,8 @@ def test_tiny_llama_lists_every_mlp_and_the_head_as_rewritten_with_the_backends_
 def test_explain_on_meta_allocates_nothing_and_the_table_shows_the_sizes():
     report = explain_llama(chunks=4)
     table = to_table(report)
-    assert "| model.layers.2.mlp | mlp gated" in table
+    assert "| mlp gated " in row_of(table, "model.layers.2.mlp")
+    assert f"mask {TOKENS} x {TOKENS}, {LAYERS} calls" in row_of(table, "model.layers.0.self_attn")
     assert f"{TOKENS} x {HIDDEN} -> {VOCAB}" in table
     head = report.sites[-1]
     assert head.chunks == 4 and head.largest_intermediate_bytes == (TOKENS * VOCAB * 4, TOKENS // 4 * VOCAB * 4)
@@ -108,7 +116,7 @@ def test_json_round_trips_with_the_documented_keys():
     assert set(graph["sites"][0]) == {
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
-        "logits_returned", "checkpointed", "largest_intermediate_bytes", "estimated_bytes",
+        "logits_returned", "checkpointed", "calls", "largest_intermediate_bytes", "estimated_bytes",
     }  # fmt: skip
     assert data["estimated_peak_bytes"]["saving"] == report.estimate.saving
     with pytest.raises(ValueError, match="format"):
@@ -170,7 +178,8 @@ def test_checkpointed_mlps_are_marked_and_keep_nothing_before():
     enable_checkpointing(model)
     ids = torch.zeros(1, TOKENS, dtype=torch.long, device="meta")
     report = mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False})
-    assert [(s.kind, s.checkpointed, s.rewritten) for s in report.sites[:2]] == [("mlp gated", True, True)] * 2
+    mlps = [s for s in report.sites if s.kind.startswith("mlp")]
+    assert [(s.kind, s.checkpointed, s.rewritten) for s in mlps] == [("mlp gated", True, True)] * 2
     assert "mlp gated (checkpointed)" in to_table(report)
 
 
@@ -213,14 +222,15 @@ def test_graph_code_before_and_after():
 def test_cli_prints_the_table_for_a_family(capsys):
     assert main(["llama", "--tokens", "2048", "--layers", "1", "--options", '{"chunks": 2}']) == 0
     out = capsys.readouterr().out
-    assert "| model.layers.0.mlp | mlp gated | 2048 x 256 -> 688" in out and "| lm_head " in out
+    assert "| mlp gated | 2048 x 256 -> 688" in row_of(out, "model.layers.0.mlp") and row_of(out, "lm_head")
     assert "est. saving" in out and "Estimates from shapes" in out
 
 
 def test_cli_real_llama_3_8b_shapes_as_json(capsys):
     assert main(["llama-3-8b", "--layers", "1", "--tokens", "32768", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    mlp, head = data["graphs"][0]["sites"]
+    attention, mlp, head = data["graphs"][0]["sites"]
+    assert (attention["kind"], attention["rewritten"], attention["tokens"]) == ("attention", True, 32768)
     assert (mlp["tokens"], mlp["in_width"], mlp["amplified_width"], mlp["chunks"]) == (32768, 4096, 14336, 4)
     assert (head["amplified_width"], head["chunks"]) == (128256, 32)
     assert mlp["largest_intermediate_bytes"] == {"before": 32768 * 14336 * 4, "after": 8192 * 14336 * 4}
@@ -303,7 +313,8 @@ def test_cli_any_hugging_face_family_by_model_type(capsys):
 
     assert main(["phi3", "--json"]) == 0  # tiny, from mst_fx.tiny_configs
     sites = json.loads(capsys.readouterr().out)["graphs"][0]["sites"]
-    assert [(s["kind"], s["rewritten"]) for s in sites] == [("mlp fused", True)] * 2 + [("lm_head", True)]
+    expected = [("attention", True)] + [("mlp fused", True)] * 2 + [("lm_head", True)]
+    assert [(s["kind"], s["rewritten"]) for s in sites] == expected
     unbuildable = next(f for f in tiny_configs.causal_lm_families() if tiny_configs.why_not_built(f))
     assert main([unbuildable]) == 2
     assert f"{unbuildable} can't be inspected" in capsys.readouterr().err

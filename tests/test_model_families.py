@@ -35,6 +35,8 @@ def test_every_mlp_and_the_lm_head_are_rewritten_with_parity(family, mlp_kind):
         assert model.config.final_logit_softcapping, "the soft-capped head is what this family is here for"
     inputs = random_batch(model.config.vocab_size, batch=2, tokens=17, ignore_every=7)  # 34 tokens: uneven chunks
     kinds = assert_parity(model, loss_of, inputs, chunks=4)
+    # The attention mask, where one is built and proved causal (not with sliding windows): one site.
+    assert kinds.pop("attention", 0) <= 1
     assert kinds == {mlp_kind: mlp_layer_count(family, model.config), "lm_head": 1}
 
 
