@@ -50,6 +50,8 @@ class RunSpec:
     dtype: str = "float32"
     options: dict = dataclasses.field(default_factory=dict)  # mst backend options
     seed: int = 0
+    attention_mask: bool = False  # HF models: pass an all-ones attention_mask, as Trainer's collators do
+    forced_causal: bool = False  # HF models: attention is SDPA with is_causal=True, any mask ignored
     budget_mb: float | None = None  # cap on the step's memory rise: the child is ended past it (see measure)
 
 
@@ -114,12 +116,35 @@ def build(spec: RunSpec):
             model = models.tiny_gpt2(spec.hidden, spec.layers, spec.vocab)
         if spec.checkpointing:
             models.enable_checkpointing(model)
-        loss_fn = lambda m, ids, labels: m(ids, labels=labels).loss
+        if spec.forced_causal:
+            model.set_attn_implementation(_register_forced_causal_attention())
+        mask = {"attention_mask": None}
+        loss_fn = lambda m, ids, labels: m(ids, labels=labels, **mask).loss
     else:
         raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama or gpt2")
     ids, labels = models.random_batch(spec.vocab, spec.batch, spec.tokens, ignore_every=7, seed=spec.seed)
     model = model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
-    return model, (ids.to(spec.device), labels.to(spec.device)), loss_fn
+    ids, labels = ids.to(spec.device), labels.to(spec.device)
+    if spec.attention_mask and spec.model != "mlp-stack":
+        mask["attention_mask"] = torch.ones_like(ids)
+    return model, (ids, labels), loss_fn
+
+
+def _register_forced_causal_attention() -> str:
+    """An HF attention function that is SDPA with is_causal=True: the reference the attention pass
+    must match when the batch has no padding. No mask function is registered under its name, so
+    transformers builds no mask for it."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    def forced_causal(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("forced_causal_sdpa", forced_causal)
+    return "forced_causal_sdpa"
 
 
 def compiled(model, spec: RunSpec):
