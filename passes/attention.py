@@ -67,7 +67,7 @@ def find_attention_sites(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> li
         for node in graph_module.graph.nodes:
             call = _attention_call(graph_module, node)
             if call is not None and call.arguments["attn_mask"] is not None and not call.arguments["is_causal"]:
-                mask = _in_outer_graph(call.arguments["attn_mask"], gm, bodies)
+                mask = _in_outer_graph(mask_root(call.arguments["attn_mask"]), gm, bodies)
                 by_mask.setdefault(mask_root(mask) if mask is not None else None, []).append(call)
     return [_site(mask, calls) for mask, calls in by_mask.items()]
 
@@ -152,18 +152,15 @@ def _location(node: fx.Node) -> str:
 
 
 def rewrite_attention_site(gm: fx.GraphModule, site: MaskSite) -> None:
-    masks = [site.mask]
     for call in site.calls:
-        masks.insert(0, call.arguments["attn_mask"])
         if site.form.padding:
             _replace_with_runtime_choice(gm, call, site.form)
         else:
             _replace_with_causal(call)
+        _erase_dead_ancestors(call.arguments["attn_mask"])  # the call's own view of the mask (a slice)
         if call.graph_module is not gm:
             _drop_unused_operands(gm, call.graph_module)
-    for mask in dict.fromkeys(masks):  # each call's own view of the mask first, then the mask they share
-        if mask.graph is gm.graph:
-            _erase_dead_ancestors(mask)
+    _erase_dead_ancestors(site.mask)  # the mask they share, once none of them reads it
 
 
 def _sdpa_call(graph: fx.Graph, q, k, v, arguments: dict) -> fx.Node:

@@ -66,8 +66,10 @@ def test_parity_under_inductor_padded():
     assert [s.rewritten for s in attention_sites()] == [True]
 
 
-def test_no_n_by_n_tensor_is_left_in_the_graph():
-    """With an all-ones attention_mask, nothing in the rewritten graph is N x N, and no SDPA takes a mask."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["flat", "checkpointed"])
+def test_no_n_by_n_tensor_is_left_in_the_graph(checkpointing):
+    """With an all-ones attention_mask, nothing in the rewritten graph (or a checkpoint body) is
+    N x N, and no SDPA takes a mask: the mask is not built, nor passed into a checkpoint."""
     ids, labels = random_batch(VOCAB, 2, TOKENS)
     graphs = []
 
@@ -76,12 +78,13 @@ def test_no_n_by_n_tensor_is_left_in_the_graph():
         graphs.append(rewritten)
         return rewritten.forward
 
-    torch.compile(llama(), backend=capture)(ids, labels=labels, attention_mask=torch.ones_like(ids))
+    model = llama(checkpointing)
+    torch.compile(model, backend=capture)(ids, labels=labels, attention_mask=torch.ones_like(ids))
     (graph,) = graphs
-    square = [n.name for n in graph.graph.nodes if _is_square(n)]
-    assert not square, square
-    masked = [n for n in graph.graph.nodes if "scaled_dot_product" in str(n.target) and n.kwargs.get("attn_mask")]
-    assert not masked
+    nodes = [n for module in graph.modules() if isinstance(module, torch.fx.GraphModule) for n in module.graph.nodes]
+    assert not [n.name for n in nodes if _is_square(n)]
+    assert not [n for n in nodes if "scaled_dot_product" in str(n.target) and n.kwargs.get("attn_mask") is not None]
+    assert sum("causal_attention" in str(n.target) for n in nodes) == 2  # one per layer
 
 
 def _is_square(node) -> bool:
