@@ -46,7 +46,14 @@ SEQ_VARIANTS = {
     "inductor+ckpt": {"variant": "inductor", "checkpointing": True},
     "mst": {"variant": "mst"},
     "mst+ckpt": {"variant": "mst", "checkpointing": True},
+    # The attention pass alone (Inductor otherwise), and mst without it: with --attention-mask these
+    # show what the N x N mask costs each.
+    "inductor+attn": {"variant": "mst", "options": {"mlp": False, "lm_head": False}},
+    "inductor+ckpt+attn": {"variant": "mst", "checkpointing": True, "options": {"mlp": False, "lm_head": False}},
+    "mst-noattn": {"variant": "mst", "options": {"attention": False}},
+    "mst+ckpt-noattn": {"variant": "mst", "checkpointing": True, "options": {"attention": False}},
 }
+DEFAULT_VARIANTS = ("eager", "inductor", "inductor+ckpt", "mst", "mst+ckpt")
 
 
 @dataclasses.dataclass
@@ -73,7 +80,10 @@ def shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--variants", default=",".join(SEQ_VARIANTS), help=f"subset of {','.join(SEQ_VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {','.join(SEQ_VARIANTS)}")
+    p.add_argument(
+        "--attention-mask", action="store_true", help="pass an all-ones attention_mask (transformers then builds N x N)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda: the budget is then a cap on the caching allocator")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--timeout", type=float, default=600, help="seconds one child may take")
@@ -101,7 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def spec_for(args, variant: str, tokens: int, **extra) -> RunSpec:
     shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab}
     shape.update(device=args.device, dtype=args.dtype)
-    return RunSpec(model="llama", tokens=tokens, **shape, **SEQ_VARIANTS[variant], **extra)
+    return RunSpec(
+        model="llama", tokens=tokens, attention_mask=args.attention_mask, **shape, **SEQ_VARIANTS[variant], **extra
+    )
 
 
 # ---------------------------------------------------------------- max length
@@ -292,7 +304,8 @@ def header(args, extra: str) -> str:
 
     return (
         f"model=llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} "
-        f"vocab={args.vocab} batch=1 device={args.device} dtype={args.dtype} {extra} torch={torch.__version__} "
+        f"vocab={args.vocab} batch=1 device={args.device} dtype={args.dtype} "
+        f"attention_mask={'all ones' if args.attention_mask else 'none'} {extra} torch={torch.__version__} "
         f"machine={platform.machine()} cores={len(__import__('os').sched_getaffinity(0))}"
     )
 
