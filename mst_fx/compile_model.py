@@ -11,7 +11,10 @@ The backend is handed graphs, never modules, so on its own it can't tell `model.
 `model.eval()`. Here the compiled call reads `model.training` first, which makes Dynamo guard on it
 (a train-mode graph is never reused in eval mode), and the backend reads the same flag while it
 compiles. The logits the model returns are then dropped only in train mode, as Liger-Kernel does
-when labels are given; a model in eval mode with gradients on keeps them.
+when labels are given; a model in eval mode with gradients on keeps them. (Past a graph break
+inside `forward`, Dynamo compiles the rest as frames of their own, which guard on the mode only if
+they read it, as HF models' layers do; one that doesn't keeps the rule of the mode it was compiled
+in, and logits it dropped still say so when used.)
 """
 
 from __future__ import annotations
