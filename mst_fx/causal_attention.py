@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The dispatch state of ordinary code: a custom op runs with autograd's keys excluded, and its
-# backward needs autograd to differentiate the attention it runs again.
-_ORDINARY_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+from mst_fx.chunk_bodies import ORDINARY_DISPATCH
+
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, paddings: list[Tensor], offsets: list[int],
@@ -59,7 +58,8 @@ def _(q, k, v, paddings, offsets, scale, enable_gqa):
 @torch.library.custom_op("mst::causal_attention_backward", mutates_args=())
 def causal_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, paddings: list[Tensor],
                               offsets: list[int], scale: float | None, enable_gqa: bool) -> list[Tensor]:  # fmt: skip
-    with torch._C._ForceDispatchKeyGuard(*_ORDINARY_DISPATCH), torch.enable_grad():
+    # A custom op runs with autograd's dispatch keys excluded; differentiating needs them back.
+    with torch._C._ForceDispatchKeyGuard(*ORDINARY_DISPATCH), torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
         out = _attention(*inputs, paddings, offsets, scale, enable_gqa)
         return [g.contiguous() for g in torch.autograd.grad(out, inputs, grad_out)]

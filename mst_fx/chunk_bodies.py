@@ -169,13 +169,13 @@ def compiled(key: tuple, body: Callable, layouts: list | None, inputs: Sequence[
 
 # The dispatch state of ordinary code. A custom op's implementation runs with autograd's dispatch
 # keys excluded; tracing a gradient body needs autograd, so the trace runs in this state instead.
-_ORDINARY_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+ORDINARY_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
 
 def _compile(body, layouts, inputs, compiler):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch._C._ForceDispatchKeyGuard(*_ORDINARY_DISPATCH), torch.no_grad(), _autocast_off(inputs[0].device.type):
+    with torch._C._ForceDispatchKeyGuard(*ORDINARY_DISPATCH), torch.no_grad(), _autocast_off(inputs[0].device.type):
         graph = make_fx(body, tracing_mode="fake")(*inputs)
         layout = layouts[0] if layouts else None
         if compiler != "inductor":
