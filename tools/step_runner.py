@@ -118,15 +118,15 @@ def build(spec: RunSpec):
             models.enable_checkpointing(model)
         if spec.forced_causal:
             model.set_attn_implementation(_register_forced_causal_attention())
-        mask = {"attention_mask": None}
-        loss_fn = lambda m, ids, labels: m(ids, labels=labels, **mask).loss
+        loss_fn = None  # below: it may take an attention mask of the batch's shape
     else:
         raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama or gpt2")
     ids, labels = models.random_batch(spec.vocab, spec.batch, spec.tokens, ignore_every=7, seed=spec.seed)
     model = model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
     ids, labels = ids.to(spec.device), labels.to(spec.device)
-    if spec.attention_mask and spec.model != "mlp-stack":
-        mask["attention_mask"] = torch.ones_like(ids)
+    if loss_fn is None:
+        extra = {"attention_mask": torch.ones_like(ids)} if spec.attention_mask else {}
+        loss_fn = lambda m, ids, labels: m(ids, labels=labels, **extra).loss
     return model, (ids, labels), loss_fn
 
 
