@@ -229,7 +229,7 @@ def _(site, x, weight, bias, target, needs, autocast_dtype):
 # ---------------------------------------------------------------- autograd: the ops as one function each
 
 
-def _refuse_double_backward() -> None:
+def refuse_double_backward() -> None:
     """Gradients computed chunk by chunk are not themselves differentiable: under create_graph=True
     (a gradient penalty) they would silently drop every second-order term through this site."""
     if torch.is_grad_enabled():
@@ -250,7 +250,7 @@ class _ChunkedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        _refuse_double_backward()
+        refuse_double_backward()
         x, *params = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[1:])
         grads = iter(torch.ops.mst.mlp_backward(ctx.key, x, grad_out, params, needs, ctx.autocast))
@@ -268,7 +268,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        _refuse_double_backward()
+        refuse_double_backward()
         # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
         scale = grad_loss.float()
         grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]

@@ -20,9 +20,11 @@ MESSAGE = (
 )
 
 # What may be read without computing anything.
-_READABLE = {
+READABLE = {
     Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
+    Tensor.ndim.__get__, Tensor.layout.__get__, Tensor.is_leaf.__get__, Tensor.grad_fn.__get__,
     Tensor.size, Tensor.dim, Tensor.numel, Tensor.__repr__, Tensor.__format__, Tensor.__len__,
+    Tensor.is_floating_point, Tensor.element_size,
 }  # fmt: skip
 
 
@@ -35,7 +37,7 @@ class DroppedLogits(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func not in _READABLE:
+        if func not in READABLE:
             raise RuntimeError(MESSAGE)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
@@ -49,7 +51,9 @@ def mark_outputs(compiled, indices: list[int]):
     def replace(outputs):
         outputs = list(outputs)
         for i in indices:
-            outputs[i] = DroppedLogits(outputs[i])
+            # On fake tensors (DDP's graph optimizer compiling its pieces) there is nothing to guard.
+            if not torch._subclasses.fake_tensor.is_fake(outputs[i]):
+                outputs[i] = DroppedLogits(outputs[i])
         return outputs
 
     def call(*args):

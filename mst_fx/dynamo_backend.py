@@ -15,11 +15,13 @@ import logging
 import torch
 from torch import fx
 
+from mst_fx.deferred_logits import defer_outputs
 from mst_fx.dropped_logits import mark_outputs
 from mst_fx.options import MstOptions
 from mst_fx.passes import GraphReport, run_passes
 from mst_fx.passes.graph_utils import copy_graph_module
 from mst_fx.passes.lm_head import dropped_logits_outputs
+from mst_fx.passes.returned_logits import deferred_outputs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
     rewritten, report = rewrite(gm, example_inputs, options, model_training)
     try:
         compiled = hand_off(rewritten, example_inputs, options.compiler, mode)
-        compiled = mark_outputs(compiled, dropped_logits_outputs(rewritten))
+        compiled = mark_outputs(defer_outputs(compiled, *deferred_outputs(rewritten)), dropped_logits_outputs(rewritten))
     except torch._dynamo.exc.RestartAnalysis:
         raise  # Dynamo's own control flow (it traces again), not a failure
     except Exception as error:  # the compiler rejected our graph: compile the user's instead

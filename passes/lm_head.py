@@ -136,7 +136,7 @@ def _cross_entropy_form(loss: fx.Node, transposed: bool) -> tuple[fx.Node, fx.No
     return a["input"], a["target"], form
 
 
-def _walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]:
+def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]:
     """(head, row ops, elementwise ops) from the loss input back to the linear that makes it."""
     vocab = shape_of(logits)[-1]
     row_ops, transform, node = [], [], logits
@@ -145,11 +145,11 @@ def _walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]
             raise CantChunk("the logits come from outside this graph (a graph break before the loss)")
         if _is_row_op(node, vocab):
             row_ops.append(node)
-        elif is_elementwise_of(node, shape_of(node)) and _single_tensor_input(node) is not None:
+        elif is_elementwise_of(node, shape_of(node)) and single_tensor_input(node) is not None:
             transform.append(node)
         else:
             raise CantChunk(f"'{node.name}' between the LM head and the loss is not a per-row op")
-        node = node.args[0] if node in row_ops else _single_tensor_input(node)
+        node = node.args[0] if node in row_ops else single_tensor_input(node)
         if example_value(node) is None or shape_of(node)[-1] != vocab:
             raise CantChunk(f"'{node.name}' before the loss does not keep the vocabulary dimension")
     return head, row_ops[::-1], transform[::-1]
@@ -186,14 +186,14 @@ def _full_index(index, ndim: int) -> tuple[slice, ...] | None:
     return index + (slice(None),) * (ndim - len(index))
 
 
-def _single_tensor_input(node) -> fx.Node | None:
+def single_tensor_input(node) -> fx.Node | None:
     tensors = [a for a in node.all_input_nodes if example_value(a) is not None]
     return tensors[0] if len(tensors) == 1 else None
 
 
 def _find_head(loss) -> Linear | None:
     try:
-        return _walk_to_head(_CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"])[0]
+        return walk_to_head(_CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"])[0]
     except (CantChunk, TypeError, IndexError):
         return None
 
@@ -202,7 +202,7 @@ def _match_lm_head(loss: fx.Node, training: bool, returned_logits: str) -> LMHea
     logits_in = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"]
     if example_value(logits_in) is None:
         raise CantChunk("cross_entropy input has no example value")
-    head, row_ops, transform = _walk_to_head(logits_in)
+    head, row_ops, transform = walk_to_head(logits_in)
     logits_in, target, form = _cross_entropy_form(loss, head.transposed)
     mutation = first_mutation_between(head.nodes[0], loss, [head.input, head.weight, head.bias])
     if mutation is not None:
@@ -254,13 +254,13 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, optio
     erase_unused([user for node in between for user in list(node.users) if is_dead_pure(user)])
     name = f"mst_lm_head_{index}"
     widths = (site.report.in_width, site.report.amplified_width)
-    head = ChunkedLinearCrossEntropy(site.form, _lift_transform(site.transform), widths, options)
+    head = ChunkedLinearCrossEntropy(site.form, lift_transform(site.transform), widths, options)
     gm.add_submodule(name, head)
     graph, head = gm.graph, site.head
     with graph.inserting_before(site.loss):
         rows = head.input
         for op in site.row_ops:
-            rows = _replay_row_op(graph, op, rows, site.report.in_width)
+            rows = replay_row_op(graph, op, rows, site.report.in_width)
         chunked = graph.call_module(name, (rows, head.weight, head.bias, site.target))
         if site.logits_outputs:
             logits = example_value(head.out)
@@ -281,7 +281,7 @@ def dropped_logits_outputs(gm: fx.GraphModule) -> list[int]:
     return [i for i, v in enumerate(values) if isinstance(v, fx.Node) and v.meta.get(DROPPED_LOGITS)]
 
 
-def _replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> fx.Node:
+def replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> fx.Node:
     """The same reshape or slice on the head's input: sizes keep their leading dims, end in d.
 
     Always a reshape: a view that was legal on the (fresh) logits may not be on the input, which can
@@ -292,12 +292,12 @@ def _replay_row_op(graph: fx.Graph, op: fx.Node, rows: fx.Node, width: int) -> f
     return graph.create_node(op.op, op.target, (rows, *op.args[1:]), dict(op.kwargs))
 
 
-def _lift_transform(ops: list[fx.Node]) -> fx.GraphModule:
+def lift_transform(ops: list[fx.Node]) -> fx.GraphModule:
     """The elementwise logit ops as a one-input graph (identity when there are none)."""
     graph = fx.Graph()
     current = graph.placeholder("logits")
     for op in ops:
-        tensor_in = _single_tensor_input(op)
+        tensor_in = single_tensor_input(op)
         current = graph.node_copy(op, lambda n, cur=current, src=tensor_in: cur if n is src else n)
     graph.output(current)
     return fx.GraphModule(torch.nn.Module(), graph, "LogitTransform")

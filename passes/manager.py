@@ -5,12 +5,16 @@
 2. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
    in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
 3. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
+4. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
+   computed outside) is taken out; the caller gets `DeferredLogits`, which chunk the loss there.
 
 No two claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
-cross_entropy, attention is SDPA and its mask), so the order only fixes the order of the report: that of the forward, where the mask is built
-before the first layer. Every site is matched first, then
-all matched sites are rewritten; a site the matcher can't handle is reported with its reason and
-left as it is.
+cross_entropy or in the graph's output, attention is SDPA and its mask). The heads (3, 4) are
+matched before the MLPs, so that the MLP pass's report of widening linears leaving the graph (an
+MLP cut in two) leaves out the heads reported already; the report keeps the order of the forward,
+where the mask is built before the first layer and the head comes last. Every site is matched
+first, then all matched sites are rewritten; a site the matcher can't handle is reported with its
+reason and left as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .graph_utils import names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
 from .mlp import CUT_REASON, find_mlp_sites, rewrite_mlp_site
 from .report import GraphReport, SiteReport
+from .returned_logits import find_returned_heads, rewrite_returned_head
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +51,47 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_tr
 def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None) -> GraphReport:
     report = GraphReport()
     bodies = list(checkpoint_bodies(gm))
+    training = is_training(example_inputs)
     if options.attention:
         report.sites += _rewrite_attention(gm, bodies)
-    if options.mlp:
-        report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=is_training(example_inputs))
-        for body in bodies:
-            report.sites += _rewrite_mlps(body, options, checkpointed=True)
+    heads, reported = [], set()
     if options.lm_head:
         logits = "keep" if options.keep_logits else "eval mode" if model_training is False else "drop"
-        sites, skipped = find_lm_head_sites(gm, options.policy, is_training(example_inputs), logits)
-        for index, site in enumerate(sites):
-            rewrite_lm_head_site(gm, site, index, options)
-            if site.logits_outputs:
-                _log_once(
-                    ("keep_logits",),
-                    logging.WARNING,
-                    "mst: %s returns empty logits in training to save their N x V "
-                    "memory; pass options={'keep_logits': True} to keep them",
-                    site.report.location,
-                )
-        report.sites += [s.report for s in sites] + skipped
+        heads += _rewrite_lm_heads(gm, options, training, logits)
+        if training and not _ddp_optimizer_split_this_graph():
+            heads += _rewrite_returned_heads(gm, options, logits, reported)
+    if options.mlp:
+        report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=training, reported=reported)
+        for body in bodies:
+            report.sites += _rewrite_mlps(body, options, checkpointed=True)
+    report.sites += heads
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _rewrite_lm_heads(gm: fx.GraphModule, options: MstOptions, training: bool, logits: str) -> list[SiteReport]:
+    sites, skipped = find_lm_head_sites(gm, options.policy, training, logits)
+    for index, site in enumerate(sites):
+        rewrite_lm_head_site(gm, site, index, options)
+        if site.logits_outputs:
+            _log_once(
+                ("keep_logits",),
+                logging.WARNING,
+                "mst: %s returns empty logits in training to save their N x V "
+                "memory; pass options={'keep_logits': True} to keep them",
+                site.report.location,
+            )
+    return [s.report for s in sites] + skipped
+
+
+def _rewrite_returned_heads(gm: fx.GraphModule, options: MstOptions, logits: str, reported: set) -> list[SiteReport]:
+    """`reported` receives the nodes of the heads left alone, which the MLP pass must not report."""
+    sites, skipped, left_alone = find_returned_heads(gm, options.policy, logits)
+    for site in sites:
+        rewrite_returned_head(gm, site, options)
+    reported.update(left_alone)
+    return [s.report for s in sites] + skipped
 
 
 def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list[SiteReport]:
@@ -82,8 +105,10 @@ def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list
     return [s.report for s in sites]
 
 
-def _rewrite_mlps(gm: fx.GraphModule, options: MstOptions, checkpointed: bool, training=False) -> list[SiteReport]:
-    sites, skipped = find_mlp_sites(gm, options.policy, training)
+def _rewrite_mlps(
+    gm: fx.GraphModule, options: MstOptions, checkpointed: bool, training=False, reported=frozenset()
+) -> list[SiteReport]:
+    sites, skipped = find_mlp_sites(gm, options.policy, training, reported)
     for index, site in enumerate(sites):
         rewrite_mlp_site(gm, site, index, options)
     if sites:

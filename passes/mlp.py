@@ -73,11 +73,12 @@ class MLPSite:
     report: SiteReport
 
 
-def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = False):
+def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = False, reported=frozenset()):
     """Sites to rewrite, and reports of the MLP-like sites left alone (with reasons). `training`:
-    the graph computes gradients, so a widening linear whose output leaves it is worth a report."""
+    the graph computes gradients, so a widening linear whose output leaves it is worth a report.
+    `reported`: nodes another pass has reported already (an LM head whose logits are returned)."""
     sites, skipped, claimed = [], [], set()
-    covered = set()  # nodes of every site found, rewritten or not: reported either way
+    covered = set(reported)  # nodes of every site found, rewritten or not: reported either way
     inside_adapted = _inside_adapted_linears(gm)
     for node in gm.graph.nodes:
         down = None if node in inside_adapted else match_any_linear(node)

@@ -23,6 +23,7 @@ class SiteReport:
     amplified_width: int | None = None  # I or V
     itemsize: int | None = None
     logits_returned: bool | None = None  # lm_head: the graph also returns the N x V logits (None: not read)
+    loss_outside: bool | None = None  # lm_head: the logits leave the graph for a loss computed outside it
     checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
     calls: int | None = None  # attention: the SDPA calls that take this mask (one per layer)
 

@@ -1,0 +1,82 @@
+"""An LM head's per-token cross-entropy (`reduction="none"`), chunk by chunk, with recompute.
+
+When the loss keeps one value per token, its upstream gradient is one number per token, known only
+in backward, so the gradients can't be computed in forward as for a reduced loss
+(`chunked_ops.linear_cross_entropy`). Here the forward computes each chunk's logits and losses under
+no_grad and keeps nothing but its inputs; the backward recomputes one chunk at a time and
+differentiates it (the MLP rewrite's scheme: one more logits matmul per chunk).
+
+    forward    for c in chunks:  loss[c] = CE(transform(x[c] W^T + b), target[c])      (no graph)
+    backward   for c in chunks:  dx[c], dW_c, db_c = grad of the same, weighted by grad_loss[c]
+               dW += dW_c (fp32)
+
+Only one chunk's c x V logits exist at a time. Used eagerly, where the logits a compiled model
+deferred (`deferred_logits.py`) meet `cross_entropy(..., reduction="none")`, as litgpt's chunked loss
+calls it on each split of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mst_fx.chunked_ops import CrossEntropyForm, refuse_double_backward
+from mst_fx.options import MstOptions
+
+
+def per_token_cross_entropy(
+    rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, form: CrossEntropyForm,
+    transform: nn.Module, options: MstOptions,
+) -> Tensor:  # fmt: skip
+    """(tokens,) cross-entropy losses of `rows` (tokens, d) through the head, as F.cross_entropy
+    with reduction="none" gives them (0 at ignored targets)."""
+    vocab = weight.shape[1 if form.transposed else 0]
+    chunks = options.policy.chunks(rows.shape[0], rows.shape[-1], vocab, rows.device.type)
+
+    def losses(x_c, w, b, t_c):
+        z = x_c @ w if form.transposed else F.linear(x_c, w)
+        z = transform(z if b is None else z + b)
+        return F.cross_entropy(z, t_c, ignore_index=form.ignore_index, reduction="none", label_smoothing=form.label_smoothing)
+
+    return _PerTokenFunction.apply(losses, chunks, rows, weight, bias, target)
+
+
+class _PerTokenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, losses, chunks, rows, weight, bias, target):
+        ctx.losses, ctx.chunks = losses, chunks
+        ctx.autocast = _autocast_state(rows.device.type)
+        ctx.save_for_backward(rows, weight, bias, target)
+        parts = [losses(rows.narrow(0, s, n), weight, bias, target.narrow(0, s, n)) for s, n in chunks]
+        return torch.cat(parts) if parts else rows.new_zeros((0,))
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        refuse_double_backward()
+        rows, weight, bias, target = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:5]
+        grad_rows = torch.empty_like(rows) if needs[0] else None
+        w = weight.detach().requires_grad_(needs[1])
+        b = None if bias is None else bias.detach().requires_grad_(needs[2])
+        sums = [None, None]  # fp32 sums of the weight and bias gradients over chunks
+        for s, n in ctx.chunks:
+            x_c = rows.narrow(0, s, n).detach().requires_grad_(needs[0])
+            with torch.enable_grad(), torch.autocast(rows.device.type, **ctx.autocast):
+                out = ctx.losses(x_c, w, b, target.narrow(0, s, n))
+            wanted = [t for t, need in zip((x_c, w, b), needs) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad_losses.narrow(0, s, n), allow_unused=True))
+            if needs[0]:
+                grad_rows.narrow(0, s, n).copy_(next(grads))
+            for i, need in enumerate(needs[1:]):
+                if need:
+                    g = next(grads).float()
+                    sums[i] = g if sums[i] is None else sums[i].add_(g)
+        grad_w, grad_b = (None if g is None else g.to(p.dtype) for g, p in zip(sums, (weight, bias)))
+        return None, None, grad_rows, grad_w, grad_b, None
+
+
+def _autocast_state(device_type: str) -> dict:
+    """The forward's autocast state, re-entered for the recompute (as torch.utils.checkpoint does)."""
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"enabled": enabled, "dtype": torch.get_autocast_dtype(device_type)}
