@@ -42,6 +42,7 @@ from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
 from mst_fx.options import MstOptions
 
 from .chunk_count import is_symbolic, plan_site
+from .loss_forms import LossMatch, cross_entropy_calls, match_loss, match_split_losses
 from .graph_utils import (
     CantChunk,
     Linear,
@@ -52,22 +53,20 @@ from .graph_utils import (
     is_elementwise_of,
     match_linear,
     module_path,
+    numel_hint,
     shape_of,
     size_hint,
 )
 from .report import SiteReport
 
-_CROSS_ENTROPY = {F.cross_entropy}
 DROPPED_LOGITS = "mst_dropped_logits"  # node meta: this graph output stands for logits not computed
-_CE_SIGNATURE = inspect.signature(F.cross_entropy)
 _ROW_METHODS = {"view", "reshape", "contiguous", "flatten"}
 
 
 @dataclasses.dataclass
 class LMHeadSite:
     head: Linear
-    loss: fx.Node
-    target: fx.Node
+    loss: LossMatch
     row_ops: list[fx.Node]  # head output -> loss input, replayed on the head's input
     transform: list[fx.Node]  # elementwise ops on the logits, applied per chunk
     logits_outputs: list[fx.Node]  # nodes of the logits the graph returns
@@ -82,19 +81,21 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
     them, "keep" them (option keep_logits=True) or keep them because the model is in "eval mode"
     (Liger-Kernel's rule: logits are dropped only in train mode)."""
     sites, skipped = [], []
-    for node in gm.graph.nodes:
-        if not is_call(node, _CROSS_ENTROPY):
-            continue
+    split_losses = match_split_losses(gm)
+    claimed = {n for match in split_losses for n in match.inside}
+    calls = [n for n in cross_entropy_calls(gm) if n not in claimed]
+    for loss in sorted([*split_losses, *calls], key=_graph_order(gm)):
         try:
-            site = _match_lm_head(node, training, returned_logits)
+            match = loss if isinstance(loss, LossMatch) else match_loss(loss)
+            site = _match_lm_head(match, training, returned_logits)
             rows = example_value(site.head.input)
-            symbolic = is_symbolic(shape_of(site.target))
+            symbolic = is_symbolic(shape_of(site.loss.target))
             plan_site(site.report, policy, symbolic, rows.device.type)
             if policy == ChunkPolicy() and not symbolic:
                 _refuse_if_estimated_to_cost(site.report)
         except CantChunk as why:
-            head = _find_head(node)
-            location = module_path(head.weight) if head else node.name
+            head = _find_head(loss)
+            location = module_path(head.weight) if head else _node_of(loss).name
             skipped.append(SiteReport("lm_head", location, False, str(why)))
             continue
         sites.append(site)
@@ -117,23 +118,13 @@ def _refuse_if_estimated_to_cost(report: SiteReport) -> None:
         )
 
 
-def _cross_entropy_form(loss: fx.Node, transposed: bool) -> tuple[fx.Node, fx.Node, CrossEntropyForm]:
-    bound = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    if a["weight"] is not None or a["size_average"] is not None or a["reduce"] is not None:
-        raise CantChunk("cross_entropy with class weights or legacy size_average/reduce")
-    if a["reduction"] not in ("mean", "sum"):
-        raise CantChunk(f"cross_entropy reduction={a['reduction']!r} (only 'mean' and 'sum')")
-    if not isinstance(a["ignore_index"], int) or not isinstance(a["label_smoothing"], (int, float)):
-        raise CantChunk("cross_entropy ignore_index / label_smoothing are not constants")
-    target = example_value(a["target"])
-    if target is None or target.dim() != 1 or target.dtype.is_floating_point:
-        raise CantChunk("cross_entropy target is not a 1-D tensor of class indices")
-    if len(shape_of(a["input"]) or ()) != 2:
-        raise CantChunk("cross_entropy input is not 2-D (tokens x vocabulary)")
-    form = CrossEntropyForm(a["reduction"], a["ignore_index"], float(a["label_smoothing"]), transposed)
-    return a["input"], a["target"], form
+def _graph_order(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda loss: order[_node_of(loss)]
+
+
+def _node_of(loss: fx.Node | LossMatch) -> fx.Node:
+    return loss.loss if isinstance(loss, LossMatch) else loss
 
 
 def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]:
@@ -191,19 +182,28 @@ def single_tensor_input(node) -> fx.Node | None:
     return tensors[0] if len(tensors) == 1 else None
 
 
-def _find_head(loss) -> Linear | None:
+def _find_head(loss: fx.Node | LossMatch) -> Linear | None:
     try:
-        return walk_to_head(_CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"])[0]
-    except (CantChunk, TypeError, IndexError):
+        logits = loss.logits if isinstance(loss, LossMatch) else _bound_input(loss)
+        return walk_to_head(logits)[0]
+    except (CantChunk, TypeError, IndexError, KeyError):
         return None
 
 
-def _match_lm_head(loss: fx.Node, training: bool, returned_logits: str) -> LMHeadSite:
-    logits_in = _CE_SIGNATURE.bind(*loss.args, **loss.kwargs).arguments["input"]
-    if example_value(logits_in) is None:
+def _bound_input(loss: fx.Node) -> fx.Node:
+    """The logits-side input of a loss call: cross_entropy's input, or what nll_loss's log_softmax reads."""
+    signature = inspect.signature(loss.target)
+    logits = signature.bind(*loss.args, **loss.kwargs).arguments["input"]
+    return logits.args[0] if loss.target is F.nll_loss and logits.args else logits
+
+
+def _match_lm_head(match: LossMatch, training: bool, returned_logits: str) -> LMHeadSite:
+    if example_value(match.logits) is None:
         raise CantChunk("cross_entropy input has no example value")
-    head, row_ops, transform = walk_to_head(logits_in)
-    logits_in, target, form = _cross_entropy_form(loss, head.transposed)
+    head, row_ops, transform = walk_to_head(match.logits)
+    transform = transform + match.casts
+    form = CrossEntropyForm(match.reduction, match.ignore_index, match.label_smoothing, head.transposed)
+    loss, target = match.loss, match.target
     mutation = first_mutation_between(head.nodes[0], loss, [head.input, head.weight, head.bias])
     if mutation is not None:
         raise CantChunk(
@@ -211,7 +211,7 @@ def _match_lm_head(loss: fx.Node, training: bool, returned_logits: str) -> LMHea
             "rewrite computes the head where the loss is and would read the updated values"
         )
     between = [*head.nodes, *row_ops, *transform]
-    logits_outputs = _logits_returned(between, loss)
+    logits_outputs = _logits_returned(between, match.inside)
     if logits_outputs and not training:
         raise CantChunk("the logits are an output of an inference graph (nothing to save)")
     if logits_outputs and returned_logits == "keep":
@@ -221,17 +221,17 @@ def _match_lm_head(loss: fx.Node, training: bool, returned_logits: str) -> LMHea
     x_shape, logits = shape_of(head.input), example_value(head.out)
     report = SiteReport(
         "lm_head", module_path(head.weight), True,
-        tokens=size_hint(shape_of(logits_in)[0]), in_width=size_hint(x_shape[-1]),
+        tokens=numel_hint(shape_of(target)), in_width=size_hint(x_shape[-1]),
         amplified_width=size_hint(logits.shape[-1]), itemsize=logits.element_size(),
         logits_returned=bool(logits_outputs),
     )  # fmt: skip
-    return LMHeadSite(head, loss, target, row_ops, transform, logits_outputs, form, report)
+    return LMHeadSite(head, match, row_ops, transform, logits_outputs, form, report)
 
 
-def _logits_returned(between: list[fx.Node], loss: fx.Node) -> list[fx.Node]:
-    """Nodes of the logits that the graph returns; CantChunk if anything else uses them (a dead
-    pure op, such as an unused `.float()`, is no use: the rewrite erases it)."""
-    returned, inside = [], set(between) | {loss}
+def _logits_returned(between: list[fx.Node], loss: list[fx.Node]) -> list[fx.Node]:
+    """Nodes of the logits that the graph returns; CantChunk if anything but the loss's own nodes
+    uses them (a dead pure op, such as an unused `.float()`, is no use: the rewrite erases it)."""
+    returned, inside = [], set(between) | set(loss)
     for node in between:
         for user in node.users:
             if user.op == "output":
@@ -257,21 +257,25 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, optio
     head = ChunkedLinearCrossEntropy(site.form, lift_transform(site.transform), widths, options)
     gm.add_submodule(name, head)
     graph, head = gm.graph, site.head
-    with graph.inserting_before(site.loss):
-        rows = head.input
+    loss = site.loss
+    with graph.inserting_before(loss.loss):
+        rows, target = head.input, loss.target
         for op in site.row_ops:
             rows = replay_row_op(graph, op, rows, site.report.in_width)
-        chunked = graph.call_module(name, (rows, head.weight, head.bias, site.target))
+        if loss.classes_at_1:  # (B, N, d) rows and (B, N) targets, read as B*N tokens
+            rows = graph.call_method("reshape", (rows, -1, site.report.in_width))
+            target = graph.call_method("reshape", (target, -1))
+        chunked = graph.call_module(name, (rows, head.weight, head.bias, target))
         if site.logits_outputs:
             logits = example_value(head.out)
             empty = graph.call_function(torch.empty, ((0,),), {"dtype": logits.dtype, "device": logits.device})
             empty.meta["example_value"] = logits.new_empty((0,))
             empty.meta[DROPPED_LOGITS] = True
-    chunked.meta.update(site.loss.meta)
-    site.loss.replace_all_uses_with(chunked)
+    chunked.meta.update(loss.loss.meta)
+    loss.loss.replace_all_uses_with(chunked)
     for node in site.logits_outputs:
         node.replace_all_uses_with(empty)
-    erase_unused([site.loss, *site.transform, *site.row_ops, *head.nodes])
+    erase_unused([*loss.inside, *site.transform, *site.row_ops, *head.nodes])
 
 
 def dropped_logits_outputs(gm: fx.GraphModule) -> list[int]:

@@ -87,7 +87,8 @@ def find_returned_heads(gm: fx.GraphModule, policy: ChunkPolicy, returned_logits
 def _output_values(gm: fx.GraphModule) -> list[fx.Node]:
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     values = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
-    return [v for v in values if isinstance(v, fx.Node) and example_value(v) is not None]
+    tensors = [example_value(v) if isinstance(v, fx.Node) else None for v in values]
+    return [v for v, t in zip(values, tensors) if t is not None and t.dim() >= 2 and t.is_floating_point()]
 
 
 def _is_head(head: Linear, transform: list[fx.Node]) -> bool:

@@ -1,0 +1,62 @@
+"""Cross-entropy written every way people write it, in the same graph as the head: each is one
+chunked LM-head site at the head's location, with the loss and every gradient equal to eager's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mst_fx
+
+from conftest import rewritten_kinds, skipped_reasons
+from test_loss_outside import OPTIONS, V, batch, litgpt_chunked_ce, model
+
+
+def transposed(z, y):
+    return F.cross_entropy(z.transpose(1, 2), y)
+
+
+def permuted_sum(z, y):
+    return F.cross_entropy(z.permute(0, 2, 1).float(), y, reduction="sum")
+
+
+def module(z, y):
+    return nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.05)(z.reshape(-1, V), y.reshape(-1))
+
+
+def nll_of_log_softmax(z, y):
+    return F.nll_loss(F.log_softmax(z.reshape(-1, V).float(), dim=-1), y.reshape(-1))
+
+
+def summed_chunks(z, y, pieces=4):
+    """Sums of cross-entropy over chunks of the logits, cast per chunk, added from 0.0 (the loop of
+    torchtune's CEWithChunkedOutputLoss, over chunks of one logits tensor)."""
+    total = (y != -100).sum()
+    labels = y.reshape(-1).chunk(pieces)
+    logits = [c.float() for c in z.reshape(-1, V).chunk(pieces)]
+    loss = 0.0
+    for lc, tc in zip(logits, labels):
+        loss += F.cross_entropy(lc, tc, ignore_index=-100, reduction="sum")
+    return loss / total
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [transposed, permuted_sum, module, nll_of_log_softmax, litgpt_chunked_ce, summed_chunks]
+)
+def test_loss_form_in_the_graph(loss_fn):
+    reference, trained = model(), model()
+    ids, labels = batch()
+    expected = loss_fn(reference(ids), labels)
+    expected.backward()
+    step = torch.compile(lambda ids, y: loss_fn(trained(ids), y), backend=mst_fx.backend(**OPTIONS))
+    got = step(ids, labels)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    heads = [s for r in mst_fx.compiled_reports() for s in r.sites if s.kind == "lm_head"]
+    assert len(heads) == 1 and heads[0].rewritten and heads[0].location == "trained.head", (heads, skipped_reasons())
+    assert not heads[0].loss_outside
+    assert rewritten_kinds()["mlp gated"] == 2
