@@ -288,6 +288,7 @@ class MLPForm:
     act_first: bool  # gated only: the product is act * up (else up * act)
     transposed: bool  # weights stored (in, out): GPT-2's Conv1D
     adapters: tuple[AdapterForm | None, ...] = (None, None, None)  # LoRA on gate, up, down
+    scaling: tuple[tuple[str, float], ...] = ()  # gated only: ("mul" | "div", s) on the product, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +325,8 @@ class ChunkedMLP(_ChunkedSite):
         hidden = self.activation(gate)
         if form.gated:
             hidden = hidden * up if form.act_first else up * hidden
+        for op, s in form.scaling:
+            hidden = hidden * s if op == "mul" else hidden / s
         return self._linear(linear, 2, hidden, params)
 
     def _linear(self, linear, which: int, x, params):

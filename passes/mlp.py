@@ -3,7 +3,8 @@
 Matched forms (any elementwise activation; biases or not; GPT-2's Conv1D counts as a linear, and
 so does a linear with a LoRA adapter added, `passes/adapters.py`):
 
-    gated   out = down(act(gate(x)) * up(x))          (either operand order)
+    gated   out = down(act(gate(x)) * up(x))          (either operand order; the product may be
+                                                      scaled by Python numbers: `up * act(gate) * s`)
     fused   g, u = gate_up(x).chunk(2, -1); out = down(act(g) * u)
     plain   out = down(act(fc(x)))
 
@@ -222,16 +223,24 @@ def _describe_op(node: fx.Node) -> str:
 
 def _match_mlp(down: Linear) -> MLPSite | None:
     """The MLP ending in `down`; None when `down` is no MLP's second linear."""
-    product, identities = down.input, []
-    while is_inactive_dropout(product):  # dropout(p=0) after the product (CPM-Ant, ModernBERT)
-        identities.append(product)
-        product = product.args[0] if product.args else product.kwargs["input"]
+    product, identities, scaling = down.input, [], []
+    while True:
+        if is_inactive_dropout(product):  # dropout(p=0) after the product (CPM-Ant, ModernBERT)
+            identities.append(product)
+            product = product.args[0] if product.args else product.kwargs["input"]
+        elif (scaled := _scaled_by_number(product)) is not None:  # `up * act(gate) * s`
+            identities.append(product)
+            scaling.insert(0, scaled[1])
+            product = scaled[0]
+        else:
+            break
     if is_call(product, _MUL, ("mul", "__mul__")) and len(product.args) == 2 and not product.kwargs:
         p, q = product.args
         if example_value(p) is not None and example_value(q) is not None:
             for act_side, up_side, act_first in ((p, q, True), (q, p, False)):
                 site = _match_gated(down, product, act_side, up_side, act_first, identities)
                 if site is not None:
+                    site.form = dataclasses.replace(site.form, scaling=tuple(scaling))
                     return site
     hidden = down.input
     fc_out = _chain_source(hidden)
@@ -242,6 +251,19 @@ def _match_mlp(down: Linear) -> MLPSite | None:
     chain = elementwise_chain(fc_out, hidden)
     form = MLPForm(gated=False, fused=False, gate_index=0, act_first=True, transposed=fc.transposed)
     return _site(down, fc, None, form, fc_out, chain, [])
+
+
+def _scaled_by_number(node) -> tuple[fx.Node, tuple[str, float]] | None:
+    """(x, ("mul" | "div", s)) for `x * s`, `s * x` or `x / s` with a Python number s, else None."""
+    if not is_call(node, {operator.mul, operator.truediv}) or len(node.args) != 2 or len(node.users) != 1:
+        return None
+    a, b = node.args
+    number = (int, float)
+    if isinstance(a, fx.Node) and isinstance(b, number) and not isinstance(b, bool):
+        return a, ("mul" if node.target is operator.mul else "div", float(b))
+    if node.target is operator.mul and isinstance(b, fx.Node) and isinstance(a, number) and not isinstance(a, bool):
+        return b, ("mul", float(a))
+    return None
 
 
 def _match_gated(down, product, act_side, up_side, act_first, identities) -> MLPSite | None:
