@@ -111,7 +111,7 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
         sites.append(site)
         claimed.update(site.nodes)
     cut = _cut_across_graphs(gm, covered) if training else []
-    return sites, skipped + _unmatched_mlp_shapes(gm, covered) + cut
+    return sites, skipped + _unmatched_mlp_shapes(gm, covered) + cut + _unread_losses(gm, covered)
 
 
 def _inside_adapted_linears(gm: fx.GraphModule) -> set[fx.Node]:
@@ -152,6 +152,44 @@ def _cut_across_graphs(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteRe
         for first in _unclaimed_widening_linears(gm, covered)
         if _leaves_graph(first.out)
     ]
+
+
+_VOCAB_REDUCTIONS = {"log_softmax", "softmax", "logsumexp", "gather", "take_along_dim", "argmax", "max"}
+
+
+def _unread_losses(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
+    """Reports for widening linears whose output, through elementwise and row ops, reaches an op
+    that reduces over its last dim (log_softmax, logsumexp, gather, ...) but no loss form the LM-head
+    pass reads: a loss written per token, say. Rewriting those needs a per-token rewrite; this only
+    makes sure such a head is never missed in silence."""
+    reports = []
+    for first in _unclaimed_widening_linears(gm, covered):
+        reducer = _first_reduction_after(first.out)
+        if reducer is not None:
+            reason = (
+                f"a widening linear (an LM head?) whose output reaches '{reducer.name}' ({_target_name(reducer)}), "
+                "a loss form the LM-head pass does not read (it reads cross_entropy, nll_loss(log_softmax) and "
+                "row splits of them; a per-token loss such as -log_softmax(z).gather(-1, y) needs a per-token rewrite)"
+            )
+            reports.append(SiteReport("lm_head", module_path(first.weight), False, reason))
+    return reports
+
+
+def _first_reduction_after(start: fx.Node, max_nodes: int = 8) -> fx.Node | None:
+    node = start
+    for _ in range(max_nodes):
+        if len(node.users) != 1:
+            return None
+        (node,) = node.users
+        if _target_name(node) in _VOCAB_REDUCTIONS:
+            return node
+        if node.op not in ("call_function", "call_method") or shape_of(node) is None:
+            return None
+    return None
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 CUT_REASON = (

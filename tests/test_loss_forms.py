@@ -60,3 +60,18 @@ def test_loss_form_in_the_graph(loss_fn):
     assert len(heads) == 1 and heads[0].rewritten and heads[0].location == "trained.head", (heads, skipped_reasons())
     assert not heads[0].loss_outside
     assert rewritten_kinds()["mlp gated"] == 2
+
+
+def gathered_log_probs(z, y):
+    """A per-token loss: not read yet, so left alone and reported at the head."""
+    log_probs = F.log_softmax(z.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(log_probs * (y != -100)).sum() / (y != -100).sum()
+
+
+def test_unread_loss_form_is_reported_at_the_head():
+    trained = model()
+    ids, labels = batch()
+    step = torch.compile(lambda ids, y: gathered_log_probs(trained(ids), y), backend=mst_fx.backend(**OPTIONS))
+    step(ids, labels).backward()
+    reasons = skipped_reasons()
+    assert any(r.startswith("lm_head:") and "log_softmax" in r and "per-token" in r for r in reasons), reasons
