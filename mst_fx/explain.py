@@ -49,6 +49,8 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown);
                                attention: B x Nq rows, head width, Nkv, 1 (the bool mask's)
         logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
+        loss_outside           lm_head: the logits leave the graph for a loss computed outside it, and
+                               are returned deferred (`mst_fx.deferred_logits`) (null for other sites)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
         calls                  attention: the SDPA calls that take the mask (null for other kinds)
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
