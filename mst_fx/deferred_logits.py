@@ -14,6 +14,7 @@ soft-capping). Then:
 * `F.cross_entropy` (and `nn.CrossEntropyLoss`) on it runs chunked: reduction "mean" or "sum" as
   the LM-head rewrite runs it (`torch.ops.mst.linear_cross_entropy`, gradients in forward),
   "none" as one chunked per-token loss with recompute in backward (`per_token_loss.py`);
+* a backward hook (`register_hook`, as Lightning Fabric adds) observes the rows' gradient;
 * anything else computes the logits, once per `DeferredLogits`, through autograd (gradients stay
   exact) and says so at WARNING level, once: the saving is lost there, nothing else.
 
@@ -132,7 +133,7 @@ def _handle(func, args, kwargs):
             return func(*args, **kwargs)
     first = args[0] if args else None
     if isinstance(first, DeferredLogits) and first.head.weight.device == first.device:
-        for rule in (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise):
+        for rule in (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook):
             result = rule(func, first, args[1:], kwargs)
             if result is not NotImplemented:
                 return result
@@ -300,6 +301,21 @@ def _elementwise(func, deferred, rest, kwargs):
         return NotImplemented
     head = deferred.head.then(func, tuple(rest), dict(kwargs), out.dtype)
     return DeferredLogits(deferred.rows, head, deferred.class_dim)
+
+
+def _hook(func, deferred, rest, kwargs):
+    """A backward hook (Lightning Fabric registers one on every output to check that
+    `fabric.backward` is used) goes on the rows: it runs when their gradient is computed, with that
+    gradient (N x d), since the logits' own never exists. It may observe, not replace it."""
+    if func is not Tensor.register_hook:
+        return NotImplemented
+    (hook,) = rest
+
+    def observe(grad):
+        if hook(grad) is not None:
+            raise RuntimeError("mst: a hook on deferred logits may not replace the gradient (it sees the rows')")
+
+    return deferred.rows.register_hook(observe)
 
 
 # ---------------------------------------------------------------- the compiled graph's side

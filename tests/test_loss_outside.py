@@ -204,3 +204,15 @@ def test_a_cut_mlp_is_not_taken_for_a_head():
     reasons = skipped_reasons()
     assert any(r.startswith("mlp:") and "cut across two graphs" in r for r in reasons), reasons
     assert not any(s.kind == "lm_head" for r in mst_fx.compiled_reports() for s in r.sites)
+
+
+def test_a_backward_hook_observes_the_rows_gradient():
+    """Lightning Fabric registers a hook on every output; on deferred logits it must not compute them."""
+    calls = []
+
+    def loss_with_hook(logits, labels):
+        logits.register_hook(lambda grad: calls.append(grad.shape))
+        return shifted_ce(logits, labels)
+
+    assert_parity(model(), lambda m, ids, y: loss_with_hook(m(ids), y), batch(), **OPTIONS)
+    assert calls == [(2, N, V), (2, N, D)]  # eager: the logits' gradient; mst: the rows'

@@ -1,0 +1,43 @@
+"""mst on third-party model code from the package index, run as its own trainer runs it: torchtitan
+0.3.0's Llama-3 (blocks compiled one by one, head and loss outside: the README's one line brings the
+head in) and litgpt 0.5.13's GPT (model compiled, `chunked_cross_entropy` outside, under Lightning
+Fabric). Loss and every gradient against eager; the head must be chunked. Skipped unless the stacks
+are installed (`tools/stacks_install.sh`: they need --no-deps and pinned side packages on torch
+2.13 CPU, so they are not test extras)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import mst_fx
+
+from third_party_stacks import build_litgpt, build_torchtitan, training_step
+
+OPTIONS = {"chunk_size": 64, "compiler": "aot_eager"}
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.parametrize("name", ["torchtitan", "litgpt"])
+def test_stack_trains_with_the_head_chunked(name):
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed (tools/stacks_install.sh)")
+    build = build_torchtitan if name == "torchtitan" else build_litgpt
+    reference, stack = build(256, vocab=2000), build(256, vocab=2000)
+    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
+    if name == "torchtitan":
+        mst_fx.compile(stack.model.lm_head, **OPTIONS)  # the recipe's one line
+    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(**OPTIONS))
+    got = training_step(model, stack.inputs, stack.labels, loss_fn)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    sites = [s for r in mst_fx.compiled_reports() for s in r.sites]
+    heads = [s for s in sites if s.kind == "lm_head"]
+    assert len(heads) == 1 and heads[0].rewritten and heads[0].loss_outside, sites
+    assert [s for s in sites if s.kind.startswith("mlp") and s.rewritten], sites
