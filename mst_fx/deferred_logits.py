@@ -132,7 +132,7 @@ def _handle(func, args, kwargs):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
     first = args[0] if args else None
-    if isinstance(first, DeferredLogits) and first.head.weight.device == first.device:
+    if isinstance(first, DeferredLogits):
         for rule in (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook):
             result = rule(func, first, args[1:], kwargs)
             if result is not NotImplemented:
@@ -266,14 +266,15 @@ def _split(func, deferred, rest, kwargs):
     if func not in _SPLITS or deferred.class_dim != -1:
         return NotImplemented
     position, default = _SPLITS[func]
-    args = list(rest)
-    dim = kwargs.get("dim", args[position - 1] if len(args) >= position else default)
+    args, given_positionally = list(rest), len(rest) >= position
+    dim = kwargs.get("dim", args[position - 1] if given_positionally else default)
     if not isinstance(dim, int) or dim % deferred.dim() == deferred.dim() - 1:
         return NotImplemented
-    dim %= deferred.dim()
-    if "dim" in kwargs or len(args) >= position:
-        kwargs = {**kwargs, "dim": dim} if "dim" in kwargs else kwargs
-        args[position - 1 : position] = [dim] if len(args) >= position else []
+    dim %= deferred.dim()  # the same dim of the rows, which have as many dims
+    if "dim" in kwargs:
+        kwargs = {**kwargs, "dim": dim}
+    elif given_positionally:
+        args[position - 1] = dim
     out = func(deferred.rows, *args, **kwargs)
     return deferred.with_rows(out) if isinstance(out, Tensor) else tuple(deferred.with_rows(t) for t in out)
 

@@ -30,11 +30,9 @@ computed with, and the manager says so once at WARNING level.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from mst_fx.chunk_plan import ChunkPolicy
@@ -42,7 +40,7 @@ from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
 from mst_fx.options import MstOptions
 
 from .chunk_count import is_symbolic, plan_site
-from .loss_forms import LossMatch, cross_entropy_calls, match_loss, match_split_losses
+from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses
 from .graph_utils import (
     CantChunk,
     Linear,
@@ -184,17 +182,9 @@ def single_tensor_input(node) -> fx.Node | None:
 
 def _find_head(loss: fx.Node | LossMatch) -> Linear | None:
     try:
-        logits = loss.logits if isinstance(loss, LossMatch) else _bound_input(loss)
-        return walk_to_head(logits)[0]
-    except (CantChunk, TypeError, IndexError, KeyError):
+        return walk_to_head(loss.logits if isinstance(loss, LossMatch) else logits_of(loss))[0]
+    except (CantChunk, TypeError, IndexError):
         return None
-
-
-def _bound_input(loss: fx.Node) -> fx.Node:
-    """The logits-side input of a loss call: cross_entropy's input, or what nll_loss's log_softmax reads."""
-    signature = inspect.signature(loss.target)
-    logits = signature.bind(*loss.args, **loss.kwargs).arguments["input"]
-    return logits.args[0] if loss.target is F.nll_loss and logits.args else logits
 
 
 def _match_lm_head(match: LossMatch, training: bool, returned_logits: str) -> LMHeadSite:

@@ -49,13 +49,13 @@ class LossMatch:
     casts: list[fx.Node] = dataclasses.field(default_factory=list)  # on the logits after the move or split
 
 
-_CASTS = ("float", "half", "bfloat16", "to", "type")
+CASTS = ("float", "half", "bfloat16", "to", "type")
 
 
 def _through_casts(node) -> tuple[fx.Node, list[fx.Node]]:
     """(what `node` casts, the single-use casts in between, in the order they run)."""
     casts = []
-    while is_call(node, (), _CASTS) and len(node.args) >= 1 and len(node.users) == 1:
+    while is_call(node, (), CASTS) and len(node.args) >= 1 and len(node.users) == 1:
         casts.insert(0, node)
         node = node.args[0]
     return node, casts
@@ -93,6 +93,14 @@ def match_loss(node: fx.Node) -> LossMatch:
     if len(shape_of(logits) or ()) != 2:
         raise CantChunk("cross_entropy input is not 2-D (tokens x vocabulary) nor classes moved to dim 1")
     return LossMatch(node, logits, target, reduction, ignore_index, smoothing, False, [node])
+
+
+def logits_of(call: fx.Node) -> fx.Node:
+    """The logits a cross_entropy or nll_loss call reads (nll_loss: through its log_softmax)."""
+    if is_call(call, {F.nll_loss}):
+        log_probs = _bound(_NLL_SIGNATURE, call)["input"]
+        return log_probs.args[0] if is_call(log_probs, _LOG_SOFTMAX, ("log_softmax",)) else log_probs
+    return _bound(_CE_SIGNATURE, call)["input"]
 
 
 def _bound(signature, node: fx.Node) -> dict:

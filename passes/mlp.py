@@ -255,8 +255,7 @@ def _narrowing_linear_after(first: Linear, max_nodes: int = 24):
 
 
 def _describe_op(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{target} with another tensor"
+    return f"{_target_name(node)} with another tensor"
 
 
 def _match_mlp(down: Linear) -> MLPSite | None:

@@ -37,6 +37,7 @@ from mst_fx.options import MstOptions
 
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import CantChunk, Linear, erase_unused, example_value, is_call, module_path, numel_hint, shape_of, size_hint
+from .loss_forms import CASTS
 from .lm_head import is_dead_pure, lift_transform, replay_row_op, walk_to_head
 from .report import SiteReport
 
@@ -44,7 +45,7 @@ DEFERRED = "mst_deferred_head"  # output node meta: DeferredOutput of the heads 
 # Ops on the logits that a head's logits may go through (Granite's scaling, Gemma-2's soft-cap, a
 # cast): an activation there would make the linear an MLP's first half, cut by a graph break.
 _LOGIT_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.tanh}
-_LOGIT_METHODS = {"float", "half", "bfloat16", "to", "type", "mul", "div", "tanh", "__mul__", "__rmul__", "__truediv__"}
+_LOGIT_METHODS = {*CASTS, "mul", "div", "tanh", "__mul__", "__rmul__", "__truediv__"}
 
 
 @dataclasses.dataclass

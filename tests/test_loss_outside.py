@@ -7,7 +7,6 @@ was taken out of the graph (a parity that holds because nothing was rewritten ca
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -19,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import mst_fx
 from mst_fx.deferred_logits import DeferredLogits
 
-from conftest import assert_parity, rewritten_kinds, skipped_reasons
+from conftest import assert_parity, skipped_reasons
 
 D, I, V, N = 32, 96, 200, 48
 OPTIONS = {"chunk_size": 16, "compiler": "aot_eager"}

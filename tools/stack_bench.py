@@ -137,8 +137,6 @@ def ratio(value, base) -> str:
 
 def compare_grads(reference: dict, grads: dict) -> dict:
     """Worst parameter by max|g - ref| / max|ref|, and whether every parameter is within RTOL."""
-    import torch
-
     if reference.keys() != grads.keys():
         return {"worst": float("inf"), "param": "parameter names differ", "missing": 0, "ok": False}
     errors, missing = {}, [n for n in reference if (reference[n] is None) != (grads[n] is None)]
