@@ -12,8 +12,10 @@ soft-capping). Then:
   `.split(128)`), a class dim moved to dim 1 (`.transpose(1, 2)`), casts and scalar scaling give
   another `DeferredLogits`: the same op on the rows, or one more op in its transform;
 * `F.cross_entropy` (and `nn.CrossEntropyLoss`) on it runs chunked: reduction "mean" or "sum" as
-  the LM-head rewrite runs it (`torch.ops.mst.linear_cross_entropy`, gradients in forward),
-  "none" as one chunked per-token loss with recompute in backward (`per_token_loss.py`);
+  the LM-head rewrite runs it (`torch.ops.mst.linear_cross_entropy`, gradients in forward);
+  "none" gives `DeferredTokenLosses` (`per_token_loss.py`): concatenated and summed, as litgpt's
+  chunked loss does over its splits, they are one summed loss again, computed as above; anything
+  else computes them per token, chunked, with recompute in backward;
 * a backward hook (`register_hook`, as Lightning Fabric adds) observes the rows' gradient;
 * anything else computes the logits, once per `DeferredLogits`, through autograd (gradients stay
   exact) and says so at WARNING level, once: the saving is lost there, nothing else.
@@ -37,7 +39,7 @@ from mst_fx.chunk_bodies import autocast
 from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
 from mst_fx.dropped_logits import READABLE
 from mst_fx.options import MstOptions
-from mst_fx.per_token_loss import per_token_cross_entropy
+from mst_fx.per_token_loss import DeferredTokenLosses, per_token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +179,30 @@ def _cross_entropy(func, deferred: DeferredLogits, rest, kwargs):
     if rows is None:
         return NotImplemented
     head, flat_target = deferred.head, target.reshape(-1)
-    form = CrossEntropyForm("sum" if reduction == "none" else reduction, ignore_index, float(smoothing), head.transposed)
-    with autocast(rows.device.type, head.autocast_dtype):
-        if reduction == "none":
-            losses = per_token_cross_entropy(rows, head.weight, head.bias, flat_target, form, head.transform, head.options)
-            return losses.view(target.shape)
-        return _site(form, head, rows.shape[-1])(rows, head.weight, head.bias, flat_target)
+    kept = reduction == "none"  # then summed, if at all, only once the losses are added up
+    loss = HeadLoss(head, CrossEntropyForm("sum" if kept else reduction, ignore_index, float(smoothing), head.transposed))
+    if not kept:
+        return loss.reduced(rows, flat_target)
+    if target.dim() == 1:
+        return DeferredTokenLosses(loss, [(rows, flat_target)], head.dtype)
+    return loss.per_token(rows, flat_target).view(target.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+    """Cross-entropy through one head (`form`): reduced as the form says, or one value per token."""
+
+    head: Head
+    form: CrossEntropyForm
+
+    def reduced(self, rows: Tensor, target: Tensor) -> Tensor:
+        with autocast(rows.device.type, self.head.autocast_dtype):
+            return _site(self.form, self.head, rows.shape[-1])(rows, self.head.weight, self.head.bias, target)
+
+    def per_token(self, rows: Tensor, target: Tensor) -> Tensor:
+        head = self.head
+        with autocast(rows.device.type, head.autocast_dtype):
+            return per_token_cross_entropy(rows, head.weight, head.bias, target, self.form, head.transform, head.options)
 
 
 def _rows_by_class_layout(deferred: DeferredLogits, target: Tensor) -> Tensor | None:

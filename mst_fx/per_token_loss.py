@@ -11,18 +11,27 @@ differentiates it (the MLP rewrite's scheme: one more logits matmul per chunk).
                dW += dW_c (fp32)
 
 Only one chunk's c x V logits exist at a time. Used eagerly, where the logits a compiled model
-deferred (`deferred_logits.py`) meet `cross_entropy(..., reduction="none")`, as litgpt's chunked loss
-calls it on each split of the logits.
+deferred (`deferred_logits.py`) meet `cross_entropy(..., reduction="none")`.
+
+Those losses come back as `DeferredTokenLosses` first: litgpt's chunked loss asks for them on each
+split of the logits, concatenates them and sums. Summed, they are one reduced loss after all, whose
+upstream gradient is a scalar: it runs as the LM-head rewrite does (gradients in forward, three head
+matmuls instead of four). Any other use computes them here, once.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mst_fx.chunked_ops import CrossEntropyForm, refuse_double_backward
+from mst_fx.dropped_logits import READABLE
 from mst_fx.options import MstOptions
+
+log = logging.getLogger(__name__)
 
 
 def per_token_cross_entropy(
@@ -80,3 +89,63 @@ def _autocast_state(device_type: str) -> dict:
     """The forward's autocast state, re-entered for the recompute (as torch.utils.checkpoint does)."""
     enabled = torch.is_autocast_enabled(device_type)
     return {"enabled": enabled, "dtype": torch.get_autocast_dtype(device_type)}
+
+
+class DeferredTokenLosses(Tensor):
+    """Per-token losses of (rows, target) pieces through one head's loss, not computed yet.
+
+    `loss` has `reduced(rows, target)` (its form sums) and `per_token(rows, target)`
+    (`deferred_logits.HeadLoss`). `torch.cat` of several with the same loss along dim 0 stays
+    deferred; `.sum()` is `loss.reduced` over every piece; anything else computes the values."""
+
+    @staticmethod
+    def __new__(cls, loss, pieces: list[tuple[Tensor, Tensor]], dtype: torch.dtype):
+        count = sum(target.shape[0] for _, target in pieces)
+        rows = pieces[0][0]
+        self = Tensor._make_wrapper_subclass(cls, (count,), dtype=dtype, device=rows.device, requires_grad=True)
+        self.loss, self.pieces, self._values = loss, pieces, None
+        return self
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"DeferredTokenLosses(shape={tuple(self.shape)}, pieces={len(self.pieces)})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _handle_losses(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"mst: {func} reached DeferredTokenLosses below autograd; please report this")
+
+    def values(self) -> Tensor:
+        if self._values is None:
+            log.debug("mst: per-token losses used other than summed; computing them per token")
+            self._values = torch.cat([self.loss.per_token(rows, target) for rows, target in self.pieces])
+        return self._values
+
+
+@torch._dynamo.disable
+def _handle_losses(func, args, kwargs):
+    if func in READABLE:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    if func is torch.cat:
+        joined = _joined(*args, **kwargs)
+        if joined is not None:
+            return joined
+    if func in (Tensor.sum, torch.sum) and len(args) == 1 and not kwargs:
+        rows = torch.cat([r for r, _ in args[0].pieces])
+        target = torch.cat([t for _, t in args[0].pieces])
+        return args[0].loss.reduced(rows, target)
+    real = torch.utils._pytree.tree_map_only(DeferredTokenLosses, DeferredTokenLosses.values, (args, kwargs))
+    return func(*real[0], **real[1])
+
+
+def _joined(tensors, dim=0):
+    """One DeferredTokenLosses for a cat of several of the same loss, else None."""
+    if dim not in (0, -1) or not tensors or not all(isinstance(t, DeferredTokenLosses) for t in tensors):
+        return None
+    first = tensors[0]
+    if any(t.loss != first.loss for t in tensors):
+        return None
+    return DeferredTokenLosses(first.loss, [p for t in tensors for p in t.pieces], first.dtype)

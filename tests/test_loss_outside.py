@@ -215,3 +215,18 @@ def test_a_backward_hook_observes_the_rows_gradient():
 
     assert_parity(model(), lambda m, ids, y: loss_with_hook(m(ids), y), batch(), **OPTIONS)
     assert calls == [(2, N, V), (2, N, D)]  # eager: the logits' gradient; mst: the rows'
+
+
+def test_per_token_losses_summed_are_one_reduced_loss():
+    """litgpt's loss: cross_entropy(reduction="none") per split, cat, sum. The sum runs as the
+    reduced loss does (gradients in forward); other uses compute the values per token."""
+    from mst_fx.per_token_loss import DeferredTokenLosses
+
+    logits = torch.compile(model(), backend=mst_fx.backend(**OPTIONS))(batch()[0])
+    targets = batch()[1].reshape(-1)
+    pieces = [F.cross_entropy(z, t, reduction="none") for z, t in zip(logits.reshape(-1, V).split(16), targets.split(16))]
+    joined = torch.cat(pieces)
+    assert isinstance(joined, DeferredTokenLosses) and joined.shape == (2 * N,)
+    assert "LinearCrossEntropy" in type(joined.sum().grad_fn).__name__
+    assert joined._values is None
+    assert type(joined * 2.0) is torch.Tensor and joined._values is not None
