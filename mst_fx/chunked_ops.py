@@ -13,7 +13,7 @@ by chunk and calls a chunk body that Inductor compiled once per chunk shape (`ch
         for c in chunks:
             dx, (dz, inp) per linear = gradient_body(x[c], grad_out[c], params)   # recompute + grads
             grad_x[c] = dx;  grad_W.addmm_(dz.T, inp);  grad_b += dz.sum(0)
-    LM head + loss     mst::linear_cross_entropy(site, x, W, b, target, needs)
+    LM head + loss     mst::linear_cross_entropy(site, x, [W, b, (A, B)], target, needs)
         (the loss is the graph's last node: its gradient is a scalar, so the forward computes the
          gradients too, with no recompute, as torch core's F.linear_cross_entropy and Liger do)
         loss = 0;  grad_x = empty(N, d);  grad_W = zeros(W.shape, fp32)
@@ -202,28 +202,29 @@ def _(site, x, grad_out, params, needs, autocast_dtype):
 
 @torch.library.custom_op("mst::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
-    site: str, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, needs: list[bool],
+    site: str, x: Tensor, params: list[Tensor | None], target: Tensor, needs: list[bool],
     autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
-    """[loss, *the gradients in `needs`], the gradients being those of the loss itself."""
+    """[loss, *the gradients in `needs`], the gradients being those of the loss itself. `params`:
+    the head's weight and bias, then its LoRA adapter's A and B if it has one."""
     head = _site(site)
-    x, weight, bias, target = _contiguous([x, weight, bias, target])
+    x, target, *params = _contiguous([x, target, *params])
     counted = (target != head.form.ignore_index).sum()
     mean = head.form.reduction == "mean"
     # An all-ignored batch has all-zero gradients, as in PyTorch: clamp so 0 * (1 / 0) is not NaN.
     scale = 1.0 / counted.clamp(min=1).float() if mean else x.new_ones((), dtype=torch.float32)
     total, grad_x, grads = _gradient_loop(
-        head, x, lambda s, n: scale, [weight, bias], lambda s, n: (target.narrow(0, s, n),), needs, autocast_dtype, True
+        head, x, lambda s, n: scale, params, lambda s, n: (target.narrow(0, s, n),), needs, autocast_dtype, True
     )
     loss = total / counted if mean else total
-    dtype = _probe(head, x, [weight, bias], autocast_dtype, target).dtype
+    dtype = _probe(head, x, params, autocast_dtype, target).dtype
     return [loss.to(dtype), *(g for g in [grad_x, *grads] if g is not None)]
 
 
 @linear_cross_entropy.register_fake
-def _(site, x, weight, bias, target, needs, autocast_dtype):
-    loss = _probe(_site(site), x, [weight, bias], autocast_dtype, target)
-    return [loss.new_empty(()), *(torch.empty_like(t) for t, need in zip([x, weight, bias], needs) if need)]
+def _(site, x, params, target, needs, autocast_dtype):
+    loss = _probe(_site(site), x, params, autocast_dtype, target)
+    return [loss.new_empty(()), *(torch.empty_like(t) for t, need in zip([x, *params], needs) if need)]
 
 
 # ---------------------------------------------------------------- autograd: the ops as one function each
@@ -259,9 +260,9 @@ class _ChunkedMLPFunction(torch.autograd.Function):
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, key: str, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-        needs = list(ctx.needs_input_grad[1:4])
-        loss, *grads = torch.ops.mst.linear_cross_entropy(key, x, weight, bias, target, needs, _autocast_dtype(x))
+    def forward(ctx, key: str, x: Tensor, target: Tensor, *params: Tensor | None) -> Tensor:
+        needs = [ctx.needs_input_grad[1], *ctx.needs_input_grad[3:]]
+        loss, *grads = torch.ops.mst.linear_cross_entropy(key, x, list(params), target, needs, _autocast_dtype(x))
         found = iter(grads)
         ctx.save_for_backward(*(next(found) if need else None for need in needs))
         return loss
@@ -271,8 +272,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward()
         # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
         scale = grad_loss.float()
-        grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
-        return None, *grads, None
+        grad_x, *grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
+        return None, grad_x, None, *grads
 
 
 # ---------------------------------------------------------------- the modules the passes insert
@@ -332,18 +333,24 @@ class ChunkedMLP(_ChunkedSite):
     def _linear(self, linear, which: int, x, params):
         """The gate (0), up (1) or down (2) linear, with its adapter if it has one. Params hold
         weight and bias of each linear (0-5), then A and B of each adapter (6-11)."""
-        w, b = 2 * which, 2 * which + 1
-        out = linear(x, w, b if params[b] is not None else None, self.form.transposed)
-        adapter = self.form.adapters[which]
-        if adapter is None:
-            return out
-        a_in = x if adapter.input_dtype is None else x.to(adapter.input_dtype)
-        low_rank = linear(linear(a_in, 6 + w, None, False), 7 + w, None, False)
-        out = out + low_rank * adapter.scale
-        return out if adapter.output_dtype is None else out.to(adapter.output_dtype)
+        w = 2 * which
+        return adapted_linear(linear, x, params, (w, w + 1, 6 + w, 7 + w), self.form.transposed, self.form.adapters[which])
 
     def extra_repr(self) -> str:
         return f"{self.policy.describe()}, {self.form}"
+
+
+def adapted_linear(linear, x, params, indices: tuple[int, int, int, int], transposed: bool, adapter):
+    """`linear` (a chunk function's, see `chunk_bodies`) with its LoRA adapter if it has one:
+    `base(x) + B(A(x')) * scale`. `indices`: of the weight, bias, A and B in `params`."""
+    w, b, a, bb = indices
+    out = linear(x, w, b if params[b] is not None else None, transposed)
+    if adapter is None:
+        return out
+    a_in = x if adapter.input_dtype is None else x.to(adapter.input_dtype)
+    low_rank = linear(linear(a_in, a, None, False), bb, None, False)
+    out = out + low_rank * adapter.scale
+    return out if adapter.output_dtype is None else out.to(adapter.output_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +361,12 @@ class CrossEntropyForm:
     ignore_index: int
     label_smoothing: float
     transposed: bool  # the head's weight is stored (in, out)
+    adapter: AdapterForm | None = None  # a LoRA adapter on the head: params 2 and 3 are its A and B
+
+
+def head_logits(linear, x, params, form: CrossEntropyForm):
+    """The head's logits for a chunk function: params are weight, bias (and the adapter's A, B)."""
+    return adapted_linear(linear, x, params, (0, 1, 2, 3), form.transposed, form.adapter)
 
 
 class ChunkedLinearCrossEntropy(_ChunkedSite):
@@ -364,11 +377,12 @@ class ChunkedLinearCrossEntropy(_ChunkedSite):
         self.form, self.logit_transform = form, logit_transform
         self.register(form, logit_transform.code)
 
-    def forward(self, x_rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-        return _LinearCrossEntropyFunction.apply(self.key, x_rows, weight, bias, target)
+    def forward(self, x_rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *adapter) -> Tensor:
+        """`adapter`: the LoRA adapter's A and B when the form has one."""
+        return _LinearCrossEntropyFunction.apply(self.key, x_rows, target, weight, bias, *adapter)
 
     def chunk(self, linear, x, params, target):
-        logits = self.logit_transform(linear(x, 0, 1 if params[1] is not None else None, self.form.transposed))
+        logits = self.logit_transform(head_logits(linear, x, params, self.form))
         return F.cross_entropy(
             logits,
             target,

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from mst_fx.chunk_bodies import autocast
-from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
+from mst_fx.chunk_bodies import autocast, plain_linear
+from mst_fx.chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits
 from mst_fx.dropped_logits import READABLE
 from mst_fx.options import MstOptions
 from mst_fx.per_token_loss import DeferredTokenLosses, per_token_cross_entropy
@@ -51,9 +51,9 @@ _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 class Head:
     """The LM head a `DeferredLogits` will project through, and what follows it on the logits."""
 
-    weight: Tensor
-    bias: Tensor | None
+    params: tuple[Tensor | None, ...]  # weight, bias, and the LoRA adapter's A and B (None: absent)
     transposed: bool  # weight stored (in, out): GPT-2's Conv1D
+    adapter: AdapterForm | None  # a LoRA adapter on the head
     transform: fx.GraphModule  # elementwise ops on the logits: casts, scaling, soft-capping
     dtype: torch.dtype  # of the logits after `transform`
     autocast_dtype: torch.dtype | None  # the head ran under autocast in the model's graph
@@ -61,15 +61,22 @@ class Head:
     location: str
 
     @property
+    def weight(self) -> Tensor:
+        return self.params[0]
+
+    @property
     def vocab(self) -> int:
         return self.weight.shape[1 if self.transposed else 0]
 
+    def form(self, reduction: str, ignore_index: int, label_smoothing: float) -> CrossEntropyForm:
+        return CrossEntropyForm(reduction, ignore_index, label_smoothing, self.transposed, self.adapter)
+
     def project(self, rows: Tensor) -> Tensor:
+        form = self.form("sum", -100, 0.0)
+        flat = rows.reshape(-1, rows.shape[-1])  # the chunk functions' linears take 2-D rows
         with autocast(rows.device.type, self.autocast_dtype):
-            if not self.transposed:
-                return self.transform(F.linear(rows, self.weight, self.bias))
-            z = rows @ self.weight
-            return self.transform(z if self.bias is None else z + self.bias)
+            logits = head_logits(plain_linear(self.params), flat, self.params, form)
+            return self.transform(logits.view(*rows.shape[:-1], logits.shape[-1]))
 
     def then(self, func, rest: tuple, kwargs: dict, dtype: torch.dtype) -> Head:
         """This head with one more elementwise op, `func(logits, *rest, **kwargs)`, on its logits."""
@@ -94,7 +101,7 @@ class DeferredLogits(Tensor):
         shape = [*rows.shape[:-1], head.vocab]
         if class_dim == 1:
             shape.insert(1, shape.pop())
-        needs_grad = rows.requires_grad or head.weight.requires_grad
+        needs_grad = rows.requires_grad or any(p is not None and p.requires_grad for p in head.params)
         self = Tensor._make_wrapper_subclass(cls, shape, dtype=head.dtype, device=rows.device, requires_grad=needs_grad)
         self.rows, self.head, self.class_dim, self._logits = rows, head, class_dim, None
         return self
@@ -180,7 +187,7 @@ def _cross_entropy(func, deferred: DeferredLogits, rest, kwargs):
         return NotImplemented
     head, flat_target = deferred.head, target.reshape(-1)
     kept = reduction == "none"  # then summed, if at all, only once the losses are added up
-    loss = HeadLoss(head, CrossEntropyForm("sum" if kept else reduction, ignore_index, float(smoothing), head.transposed))
+    loss = HeadLoss(head, head.form("sum" if kept else reduction, ignore_index, float(smoothing)))
     if not kept:
         return loss.reduced(rows, flat_target)
     if target.dim() == 1:
@@ -196,13 +203,15 @@ class HeadLoss:
     form: CrossEntropyForm
 
     def reduced(self, rows: Tensor, target: Tensor) -> Tensor:
+        weight, bias, *adapter = self.head.params
+        adapter = adapter if self.head.adapter is not None else []
         with autocast(rows.device.type, self.head.autocast_dtype):
-            return _site(self.form, self.head, rows.shape[-1])(rows, self.head.weight, self.head.bias, target)
+            return _site(self.form, self.head, rows.shape[-1])(rows, weight, bias, target, *adapter)
 
     def per_token(self, rows: Tensor, target: Tensor) -> Tensor:
         head = self.head
         with autocast(rows.device.type, head.autocast_dtype):
-            return per_token_cross_entropy(rows, head.weight, head.bias, target, self.form, head.transform, head.options)
+            return per_token_cross_entropy(rows, list(head.params), target, self.form, head.transform, head.options)
 
 
 def _rows_by_class_layout(deferred: DeferredLogits, target: Tensor) -> Tensor | None:
@@ -345,12 +354,12 @@ def _hook(func, deferred, rest, kwargs):
 @dataclasses.dataclass(frozen=True)
 class DeferredOutput:
     """Where a graph puts the pieces of one deferred head among its outputs (see
-    `passes/returned_logits.py`): rows at `rows`, the weight and bias (None: no bias) at the end."""
+    `passes/returned_logits.py`): rows at `rows`; weight, bias, A and B at `params` (None: absent)."""
 
     rows: int
-    weight: int
-    bias: int | None
+    params: tuple[int | None, ...]
     transposed: bool
+    adapter: AdapterForm | None
     transform: fx.GraphModule
     dtype: torch.dtype
     autocast_dtype: torch.dtype | None
@@ -360,15 +369,15 @@ class DeferredOutput:
 
 def defer_outputs(compiled, deferred: list[DeferredOutput], extra_outputs: int):
     """`compiled` with each deferred head's rows returned as `DeferredLogits` and the `extra_outputs`
-    the pass appended (weights and biases) taken off again."""
+    the pass appended (the heads' parameters) taken off again."""
     if not deferred:
         return compiled
 
     def call(*args):
         outputs = list(compiled(*args))
         for d in deferred:
-            weight, bias = outputs[d.weight], None if d.bias is None else outputs[d.bias]
-            head = Head(weight, bias, d.transposed, d.transform, d.dtype, d.autocast_dtype, d.options, d.location)
+            params = tuple(None if i is None else outputs[i] for i in d.params)
+            head = Head(params, d.transposed, d.adapter, d.transform, d.dtype, d.autocast_dtype, d.options, d.location)
             rows = outputs[d.rows]
             # On fake tensors (DDP's optimizer, export) there is nothing to save: plain logits.
             is_fake = torch._subclasses.fake_tensor.is_fake(rows)

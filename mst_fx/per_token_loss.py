@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mst_fx.chunked_ops import CrossEntropyForm, refuse_double_backward
+from mst_fx.chunk_bodies import plain_linear
+from mst_fx.chunked_ops import CrossEntropyForm, head_logits, refuse_double_backward
 from mst_fx.dropped_logits import READABLE
 from mst_fx.options import MstOptions
 
@@ -35,54 +36,53 @@ log = logging.getLogger(__name__)
 
 
 def per_token_cross_entropy(
-    rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, form: CrossEntropyForm,
-    transform: nn.Module, options: MstOptions,
+    rows: Tensor, params: list[Tensor | None], target: Tensor, form: CrossEntropyForm, transform: nn.Module,
+    options: MstOptions,
 ) -> Tensor:  # fmt: skip
     """(tokens,) cross-entropy losses of `rows` (tokens, d) through the head, as F.cross_entropy
-    with reduction="none" gives them (0 at ignored targets)."""
-    vocab = weight.shape[1 if form.transposed else 0]
+    with reduction="none" gives them (0 at ignored targets). `params`: the head's weight and bias,
+    then its adapter's A and B (None when it has none), as `chunked_ops.head_logits` reads them."""
+    vocab = params[0].shape[1 if form.transposed else 0]
     chunks = options.policy.chunks(rows.shape[0], rows.shape[-1], vocab, rows.device.type)
 
-    def losses(x_c, w, b, t_c):
-        z = x_c @ w if form.transposed else F.linear(x_c, w)
-        z = transform(z if b is None else z + b)
+    def losses(x_c, t_c, *params):
+        z = transform(head_logits(plain_linear(params), x_c, params, form))
         return F.cross_entropy(z, t_c, ignore_index=form.ignore_index, reduction="none", label_smoothing=form.label_smoothing)
 
-    return _PerTokenFunction.apply(losses, chunks, rows, weight, bias, target)
+    return _PerTokenFunction.apply(losses, chunks, rows, target, *params)
 
 
 class _PerTokenFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, losses, chunks, rows, weight, bias, target):
+    def forward(ctx, losses, chunks, rows, target, *params):
         ctx.losses, ctx.chunks = losses, chunks
         ctx.autocast = _autocast_state(rows.device.type)
-        ctx.save_for_backward(rows, weight, bias, target)
-        parts = [losses(rows.narrow(0, s, n), weight, bias, target.narrow(0, s, n)) for s, n in chunks]
+        ctx.save_for_backward(rows, target, *params)
+        parts = [losses(rows.narrow(0, s, n), target.narrow(0, s, n), *params) for s, n in chunks]
         return torch.cat(parts) if parts else rows.new_zeros((0,))
 
     @staticmethod
     def backward(ctx, grad_losses):
         refuse_double_backward()
-        rows, weight, bias, target = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:5]
-        grad_rows = torch.empty_like(rows) if needs[0] else None
-        w = weight.detach().requires_grad_(needs[1])
-        b = None if bias is None else bias.detach().requires_grad_(needs[2])
-        sums = [None, None]  # fp32 sums of the weight and bias gradients over chunks
+        rows, target, *params = ctx.saved_tensors
+        needs_rows, needs = ctx.needs_input_grad[2], ctx.needs_input_grad[4:]
+        grad_rows = torch.empty_like(rows) if needs_rows else None
+        leaves = [None if p is None else p.detach().requires_grad_(need) for p, need in zip(params, needs)]
+        sums = [None] * len(params)  # fp32 sums of each param's gradient over chunks
         for s, n in ctx.chunks:
-            x_c = rows.narrow(0, s, n).detach().requires_grad_(needs[0])
+            x_c = rows.narrow(0, s, n).detach().requires_grad_(needs_rows)
             with torch.enable_grad(), torch.autocast(rows.device.type, **ctx.autocast):
-                out = ctx.losses(x_c, w, b, target.narrow(0, s, n))
-            wanted = [t for t, need in zip((x_c, w, b), needs) if need]
+                out = ctx.losses(x_c, target.narrow(0, s, n), *leaves)
+            wanted = [t for t, need in zip((x_c, *leaves), (needs_rows, *needs)) if need]
             grads = iter(torch.autograd.grad(out, wanted, grad_losses.narrow(0, s, n), allow_unused=True))
-            if needs[0]:
+            if needs_rows:
                 grad_rows.narrow(0, s, n).copy_(next(grads))
-            for i, need in enumerate(needs[1:]):
+            for i, need in enumerate(needs):
                 if need:
                     g = next(grads).float()
                     sums[i] = g if sums[i] is None else sums[i].add_(g)
-        grad_w, grad_b = (None if g is None else g.to(p.dtype) for g, p in zip(sums, (weight, bias)))
-        return None, None, grad_rows, grad_w, grad_b, None
+        grads = [None if g is None else g.to(p.dtype) for g, p in zip(sums, params)]
+        return None, None, grad_rows, None, *grads
 
 
 def _autocast_state(device_type: str) -> dict:

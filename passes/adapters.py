@@ -26,7 +26,9 @@ import operator
 import torch
 from torch import fx
 
-from .graph_utils import Linear, example_value, is_call, is_inactive_dropout, match_linear
+from mst_fx.chunked_ops import AdapterForm
+
+from .graph_utils import CantChunk, Linear, example_value, is_call, is_inactive_dropout, match_linear
 
 _ADD = {operator.add, torch.add}
 _MUL = {operator.mul, torch.mul}
@@ -43,6 +45,26 @@ class AdaptedLinear(Linear):
     input_dtype: torch.dtype | None = None  # x is cast to this before A (the adapter's dtype)
     output_dtype: torch.dtype | None = None  # the sum is cast to this (the base output's dtype)
     random: fx.Node | None = None  # a dropout with p > 0 on the adapter's input
+
+
+def adapter_form(linear: Linear | None) -> AdapterForm | None:
+    """What the chunked runtime needs to replay `linear`'s adapter, or None when it has none."""
+    if not isinstance(linear, AdaptedLinear):
+        return None
+    return AdapterForm(linear.scale, linear.input_dtype, linear.output_dtype)
+
+
+def adapter_weights(linear: Linear) -> list[fx.Node]:
+    """A and B of `linear`'s adapter, or nothing."""
+    return [linear.lora_a, linear.lora_b] if isinstance(linear, AdaptedLinear) else []
+
+
+def refuse_random_adapter(linear: Linear) -> None:
+    if isinstance(linear, AdaptedLinear) and linear.random is not None:
+        raise CantChunk(
+            f"'{linear.random.name}', a LoRA adapter's dropout with p > 0, is random: a recompute would draw a "
+            "different mask (lora_dropout=0 makes the site chunkable)"
+        )
 
 
 def match_any_linear(node) -> Linear | None:

@@ -39,6 +39,7 @@ from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
 from mst_fx.options import MstOptions
 
+from .adapters import adapter_form, adapter_weights, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
 from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses
 from .graph_utils import (
@@ -49,7 +50,6 @@ from .graph_utils import (
     first_mutation_between,
     is_call,
     is_elementwise_of,
-    match_linear,
     module_path,
     numel_hint,
     shape_of,
@@ -129,7 +129,7 @@ def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]
     """(head, row ops, elementwise ops) from the loss input back to the linear that makes it."""
     vocab = shape_of(logits)[-1]
     row_ops, transform, node = [], [], logits
-    while (head := match_linear(node)) is None:
+    while (head := match_any_linear(node)) is None:
         if node.op == "placeholder":
             raise CantChunk("the logits come from outside this graph (a graph break before the loss)")
         if _is_row_op(node, vocab):
@@ -191,10 +191,12 @@ def _match_lm_head(match: LossMatch, training: bool, returned_logits: str) -> LM
     if example_value(match.logits) is None:
         raise CantChunk("cross_entropy input has no example value")
     head, row_ops, transform = walk_to_head(match.logits)
+    refuse_random_adapter(head)
     transform = transform + match.casts
-    form = CrossEntropyForm(match.reduction, match.ignore_index, match.label_smoothing, head.transposed)
+    form = CrossEntropyForm(match.reduction, match.ignore_index, match.label_smoothing, head.transposed, adapter_form(head))
     loss, target = match.loss, match.target
-    mutation = first_mutation_between(head.nodes[0], loss, [head.input, head.weight, head.bias])
+    read = [head.input, head.weight, head.bias, *adapter_weights(head)]
+    mutation = first_mutation_between(head.nodes[0], loss, read)
     if mutation is not None:
         raise CantChunk(
             f"'{mutation.name}' updates the head's input or weight in place before the loss; the "
@@ -255,7 +257,7 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, optio
         if loss.classes_at_1:  # (B, N, d) rows and (B, N) targets, read as B*N tokens
             rows = graph.call_method("reshape", (rows, -1, site.report.in_width))
             target = graph.call_method("reshape", (target, -1))
-        chunked = graph.call_module(name, (rows, head.weight, head.bias, target))
+        chunked = graph.call_module(name, (rows, head.weight, head.bias, target, *adapter_weights(head)))
         if site.logits_outputs:
             logits = example_value(head.out)
             empty = graph.call_function(torch.empty, ((0,),), {"dtype": logits.dtype, "device": logits.device})

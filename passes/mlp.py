@@ -34,10 +34,10 @@ import torch
 from torch import fx
 
 from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.chunked_ops import AdapterForm, ChunkedMLP, MLPForm
+from mst_fx.chunked_ops import ChunkedMLP, MLPForm
 from mst_fx.options import MstOptions
 
-from .adapters import AdaptedLinear, match_adapted_linear, match_any_linear
+from .adapters import AdaptedLinear, adapter_form, match_adapted_linear, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
     CantChunk,
@@ -410,12 +410,8 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
     kind = "mlp fused" if form.fused else "mlp gated" if form.gated else "mlp plain"
     if escaped is not None:
         raise CantChunk(f"an intermediate of {kind} is also used by '{escaped.name}'")
-    random = next((a.random for a in (gate, up, down) if isinstance(a, AdaptedLinear) and a.random), None)
-    if random is not None:
-        raise CantChunk(
-            f"'{random.name}', a LoRA adapter's dropout with p > 0, is random: a recompute would draw a "
-            "different mask (lora_dropout=0 makes the site chunkable)"
-        )
+    for linear in (gate, up, down):
+        refuse_random_adapter(linear)
     order = {n: i for i, n in enumerate(down.out.graph.nodes)}
     params = [gate.weight, gate.bias, *((up.weight, up.bias) if up else ()), down.weight, down.bias]
     params += [w for w in _adapter_weights(gate, up, down) if w is not None]
@@ -435,14 +431,8 @@ def _site(down, gate, up, form, act_in, chain, glue) -> MLPSite:
         amplified_width=size_hint(hidden.shape[-1]), itemsize=hidden.element_size(),
     )  # fmt: skip
     activation = lift_chain(act_in, chain, "Activation")
-    form = dataclasses.replace(form, adapters=tuple(_adapter_form(linear) for linear in (gate, up, down)))
+    form = dataclasses.replace(form, adapters=tuple(adapter_form(linear) for linear in (gate, up, down)))
     return MLPSite(gate.input, gate, up, down, form, activation, nodes, report)
-
-
-def _adapter_form(linear: Linear | None) -> AdapterForm | None:
-    if not isinstance(linear, AdaptedLinear):
-        return None
-    return AdapterForm(linear.scale, linear.input_dtype, linear.output_dtype)
 
 
 def _adapter_weights(gate, up, down) -> list[fx.Node | None]:

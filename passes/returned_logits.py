@@ -35,6 +35,7 @@ from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.deferred_logits import DeferredOutput
 from mst_fx.options import MstOptions
 
+from .adapters import adapter_form, adapter_weights, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import CantChunk, Linear, erase_unused, example_value, is_call, module_path, numel_hint, shape_of, size_hint
 from .loss_forms import CASTS
@@ -71,6 +72,7 @@ def find_returned_heads(gm: fx.GraphModule, policy: ChunkPolicy, returned_logits
             continue
         report = SiteReport("lm_head", module_path(head.weight), True, logits_returned=False, loss_outside=True)
         try:
+            refuse_random_adapter(head)
             _check_only_returned([*head.nodes, *row_ops, *transform])
             if returned_logits != "drop":
                 why = "keep_logits=True" if returned_logits == "keep" else "the model is in eval mode"
@@ -125,24 +127,27 @@ def rewrite_returned_head(gm: fx.GraphModule, site: ReturnedHead, options: MstOp
         rows = head.input
         for op in site.row_ops:
             rows = replay_row_op(graph, op, rows, site.report.in_width)
-    extra = [head.weight] + ([head.bias] if head.bias is not None else [])
+    params = [head.weight, head.bias, *(adapter_weights(head) or [None, None])]
+    positions, extra = [], []
+    for param in params:
+        positions.append(None if param is None else len(values) + len(extra))
+        extra += [] if param is None else [param]
     previous = output.meta.get(DEFERRED, [])
-    first_extra = len(values)
-    plan = _deferred_output(site, values.index(site.output), first_extra, options)
+    plan = _deferred_output(site, values.index(site.output), tuple(positions), options)
     values = [rows if v is site.output else v for v in values] + extra
     output.args = (tuple(values),)
     output.meta[DEFERRED] = [*previous, plan]
     erase_unused([*site.transform, *site.row_ops, *head.nodes])
 
 
-def _deferred_output(site: ReturnedHead, position: int, first_extra: int, options: MstOptions) -> DeferredOutput:
+def _deferred_output(site: ReturnedHead, position: int, params: tuple, options: MstOptions) -> DeferredOutput:
     head, logits = site.head, example_value(site.output)
     weight_dtype = example_value(head.weight).dtype
     out_dtype = example_value(head.out).dtype
     autocast_dtype = out_dtype if out_dtype != weight_dtype and out_dtype in (torch.bfloat16, torch.float16) else None
     return DeferredOutput(
-        rows=position, weight=first_extra, bias=first_extra + 1 if head.bias is not None else None,
-        transposed=head.transposed, transform=lift_transform(site.transform), dtype=logits.dtype,
+        rows=position, params=params, transposed=head.transposed, adapter=adapter_form(head),
+        transform=lift_transform(site.transform), dtype=logits.dtype,
         autocast_dtype=autocast_dtype, options=options, location=site.report.location,
     )  # fmt: skip
 
@@ -151,4 +156,4 @@ def deferred_outputs(gm: fx.GraphModule) -> tuple[list[DeferredOutput], int]:
     """The deferred heads of a rewritten graph, and how many outputs the pass appended."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     plans = output.meta.get(DEFERRED, [])
-    return plans, sum(1 + (p.bias is not None) for p in plans)
+    return plans, sum(i is not None for p in plans for i in p.params)

@@ -80,3 +80,20 @@ def test_adapter_dropout_is_refused_with_its_reason():
     assert "mlp gated" not in rewritten_kinds()
     reasons = [r for r in skipped_reasons() if "LoRA adapter's dropout" in r]
     assert len(reasons) == 2, skipped_reasons()
+
+
+@pytest.mark.parametrize("loss_where", ["in the graph", "outside"])
+def test_lora_on_the_lm_head(loss_where):
+    """A LoRA adapter on lm_head: the head is still chunked (loss in the graph) or deferred (loss
+    outside), and the adapter's gradients equal eager's."""
+    model = with_lora(llama(), ["lm_head", *LLAMA_MLP])
+    ids, labels = random_batch(VOCAB, 2, 40, ignore_every=7)
+
+    def outside(m, ids, labels):
+        logits = m(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), labels[:, 1:].reshape(-1))
+
+    assert_parity(model, hf_loss if loss_where == "in the graph" else outside, (ids, labels), chunk_size=16)
+    assert rewritten_kinds() == {"mlp gated": 2, "lm_head": 1}, skipped_reasons()
+    head = next(s for r in mst_fx.compiled_reports() for s in r.rewritten("lm_head"))
+    assert head.loss_outside == (True if loss_where == "outside" else None)
