@@ -11,6 +11,7 @@ save memory, but never fails training.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import fx
@@ -91,7 +92,24 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     _recent_reports.append(report)
     del _recent_reports[:-_KEPT_REPORTS]
-    return compiled
+    return _counting_blocks(compiled, example_inputs, report)
+
+
+def _counting_blocks(compiled, example_inputs, report: GraphReport):
+    """`compiled`, counting into `report.blocks` the distinct weights it runs with: a block compiled
+    on its own (torchtitan's per-block compile) is one graph that runs for every block, and its
+    sites count once per block. The graph's first parameter stands for its weights."""
+    index = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
+    if index is None or not report.rewritten():
+        return compiled
+    seen = weakref.WeakSet()
+
+    def call(*args):
+        seen.add(args[index])
+        report.blocks = len(seen)
+        return compiled(*args)
+
+    return call
 
 
 def rewrite(

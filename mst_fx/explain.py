@@ -23,7 +23,9 @@ of one frame that hold other sites all count: each layer under FSDP2 (its hooks 
 forward a frame of its own, compiled again per layer when a guard on the layer fails, such as HF's
 `layer_idx`), each block compiled on its own, each piece DDP's optimizer cuts a graph into. A graph
 break adds a frame. A graph that Dynamo reuses unchanged for several layers (their guards all pass)
-is compiled, reported and counted once, under the layer it was compiled for.
+is compiled and reported once, under the layer it was compiled for; after a real run
+(`last_report()`) the graph says how many blocks it served (`blocks`: the distinct weights it ran
+with) and the totals count its sites once per block.
 
 JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
 
@@ -34,6 +36,9 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
     estimated_peak_bytes   {"before", "after", "saving"}: all counted graphs together
     graphs                 list, oldest first, each:
       compile_id             Dynamo's "frame/recompile" id, or null
+      blocks                 how many distinct sets of weights the compiled graph ran with (a block
+                             compiled on its own serves every block), or null when not counted
+                             (explain(), or a graph with no site rewritten)
       counted                whether the graph is in the overall totals (no later graph of its frame
                              holds any of its sites)
       estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
@@ -130,7 +135,8 @@ class ModelReport:
 
     @property
     def counted_sites(self) -> list[SiteReport]:
-        return [s for g in self.counted_graphs for s in g.report.sites]
+        """The sites one step runs, in order: a graph serving several blocks once per block."""
+        return [s for g in self.counted_graphs for _ in range(g.report.runs) for s in g.report.sites]
 
     @property
     def estimate(self) -> PeakEstimate:
@@ -167,7 +173,7 @@ def _graph_dict(graph: InspectedGraph, counted: bool) -> dict[str, Any]:
         largest = site.largest_intermediate_bytes
         site_dict["largest_intermediate_bytes"] = None if largest is None else dict(zip(("before", "after"), largest))
         site_dict["estimated_bytes"] = dataclasses.asdict(estimate_site(site))
-    return {"compile_id": data["compile_id"], "counted": counted,
+    return {"compile_id": data["compile_id"], "blocks": data["blocks"], "counted": counted,
             "estimated_peak_bytes": graph.estimate.to_dict(), "sites": data["sites"]}  # fmt: skip
 
 

@@ -85,6 +85,8 @@ def _total_rows(report: ModelReport) -> list[list[str]]:
         name = _graph_name(graph, index)
         if not any(graph is c for c in counted):
             name += " (recompiled later: not in the total)"
+        elif graph.report.runs > 1:
+            name += f" (one graph for {graph.report.runs} blocks: counted {graph.report.runs} times in the total)"
         rows.append(_total_row(name, graph.report.sites, graph.estimate))
     rows.append(_total_row("all graphs" if len(report.graphs) > 1 else "total", report.counted_sites, report.estimate))
     return rows

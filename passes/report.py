@@ -74,6 +74,14 @@ class GraphReport:
     # Set when the report is made during a Dynamo compile: which frame (graph breaks make more) and
     # which recompile of it (new shapes, grad mode, ...) the graph is.
     compile_id: str | None = dataclasses.field(default_factory=_current_compile_id)
+    # How many distinct sets of weights the compiled graph has run with, when counted: a block
+    # compiled on its own (torchtitan's per-block compile) is one graph that runs for every block.
+    blocks: int | None = None
+
+    @property
+    def runs(self) -> int:
+        """How many times one step runs this graph's sites: once, or once per block it serves."""
+        return self.blocks or 1
 
     @property
     def frame(self) -> str | None:
@@ -89,11 +97,11 @@ class GraphReport:
     def undone(self, reason: str) -> GraphReport:
         """The same sites, every rewrite taken back for `reason`."""
         sites = [dataclasses.replace(s, rewritten=False, reason=s.reason or reason) for s in self.sites]
-        return GraphReport(sites, self.compile_id)
+        return GraphReport(sites, self.compile_id, self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"compile_id": self.compile_id, "sites": [s.to_dict() for s in self.sites]}
+        return {"compile_id": self.compile_id, "blocks": self.blocks, "sites": [s.to_dict() for s in self.sites]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphReport:
-        return cls([SiteReport.from_dict(s) for s in data["sites"]], data.get("compile_id"))
+        return cls([SiteReport.from_dict(s) for s in data["sites"]], data.get("compile_id"), data.get("blocks"))

@@ -112,7 +112,7 @@ def test_json_round_trips_with_the_documented_keys():
     assert ModelReport.from_dict(data).to_dict() == data
     assert set(data) == {"format", "target", "options", "estimate_method", "estimated_peak_bytes", "graphs"}
     (graph,) = data["graphs"]
-    assert set(graph) == {"compile_id", "counted", "estimated_peak_bytes", "sites"}
+    assert set(graph) == {"compile_id", "blocks", "counted", "estimated_peak_bytes", "sites"}
     assert set(graph["sites"][0]) == {
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
@@ -352,3 +352,23 @@ def test_auto_leaves_a_head_alone_where_the_estimate_says_the_rewrite_costs(hidd
     assert mst_fx.explain(model, ids, ids).estimate.saving >= 0
     (forced,) = mst_fx.explain(model, ids, ids, chunk_size=512).sites
     assert forced.rewritten
+
+
+def test_one_graph_compiled_per_block_counts_every_block():
+    """torchtitan compiles each block on its own: Dynamo compiles one graph and runs it for every
+    block. The report says so and the totals count its sites once per block."""
+    from test_loss_outside import OPTIONS, TinyLM, batch
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    backend = mst_fx.backend(**OPTIONS)  # one backend for all, as torchtitan passes one name
+    for block in model.blocks:
+        block.compile(backend=backend)
+    ids, labels = batch()
+    torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), labels.flatten()).backward()
+    report = mst_fx.last_report()
+    (graph,) = report.graphs
+    assert graph.report.blocks == 2 and len(graph.report.rewritten("mlp")) == 1
+    assert len([s for s in report.counted_sites if s.kind.startswith("mlp")]) == 2
+    assert report.estimate.saving == 2 * graph.estimate.saving
+    assert "one graph for 2 blocks" in str(report)
