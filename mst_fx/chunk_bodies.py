@@ -72,6 +72,8 @@ class Layout:
     grad_x: int | None
     linears: tuple[LinearGrads, ...]
     loss: int | None = None
+    # (param index, result index) of the gradients of params no linear takes (a per-channel scale)
+    elementwise: tuple[tuple[int, int], ...] = ()
 
 
 def _recording_linear(params, records: list[_Recorded], autocast_dtype: torch.dtype | None):
@@ -124,11 +126,19 @@ def gradient_body(chunk: Callable, present: Sequence[bool], needs: Sequence[bool
         records: list[_Recorded] = []
         with torch.enable_grad(), autocast(x.device.type, autocast_dtype):
             x = x.detach().requires_grad_(needs[0])
+            # Params no linear takes are differentiated directly; which ones is known after the
+            # chunk runs, so each param that may be one is a leaf that requires grad.
+            params = [p.detach().requires_grad_(need) if p is not None else None for p, need in zip(params, needs[1:])]
             out = chunk(_recording_linear(params, records, autocast_dtype), x, params, *extra)
             grad_seed = seed.to(out.dtype) if with_loss else seed
             wanted = [r for r in records if needs[1 + r.weight] or (r.bias is not None and needs[1 + r.bias])]
+            taken = {i for r in records for i in (r.weight, r.bias)}
+            free = [i for i, need in enumerate(needs[1:]) if need and i not in taken]
             targets = ([x] if needs[0] else []) + [r.output for r in wanted if r.output is not out]
+            targets += [params[i] for i in free]
             grads = list(torch.autograd.grad(out, targets, grad_seed)) if targets else []
+            free_grads = grads[len(grads) - len(free) :]
+            del grads[len(grads) - len(free) :]
         results = [out.detach()] if with_loss else []
         put = results.append
         grad_x = None
@@ -151,7 +161,11 @@ def gradient_body(chunk: Callable, present: Sequence[bool], needs: Sequence[bool
                 bias_grad = len(results)
                 put(dz_tensor.sum(0, dtype=torch.float32))
             linears.append(LinearGrads(r.weight, r.bias, r.transposed, dz, inp, bias_grad))
-        layouts[:] = [Layout(grad_x, tuple(linears), 0 if with_loss else None)]
+        elementwise = []
+        for i, g in zip(free, free_grads):
+            elementwise.append((i, len(results)))
+            put(g.float())
+        layouts[:] = [Layout(grad_x, tuple(linears), 0 if with_loss else None, tuple(elementwise))]
         return tuple(results)
 
     return body, layouts

@@ -131,6 +131,8 @@ def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, wi
             grad_x.narrow(0, start, length).copy_(results[layout.grad_x])
         for linear in layout.linears:
             _accumulate_linear(linear, accumulators, results, x_c, seed)
+        for param, result in layout.elementwise:
+            accumulators[param].add_(results[result])
         del results  # this chunk's N/M x W tensors go before the next chunk's are made
     grads = [None if a is None else a.to(p.dtype) for a, p in zip(accumulators, params)]
     return loss, grad_x, grads
@@ -289,7 +291,9 @@ class MLPForm:
     act_first: bool  # gated only: the product is act * up (else up * act)
     transposed: bool  # weights stored (in, out): GPT-2's Conv1D
     adapters: tuple[AdapterForm | None, ...] = (None, None, None)  # LoRA on gate, up, down
-    scaling: tuple[tuple[str, float], ...] = ()  # gated only: ("mul" | "div", s) on the product, in order
+    # gated only: ("mul" | "div", s) on the product, in order; s a number, or ("param", k) for the
+    # k-th per-channel scale, passed after the adapters' weights (params 12 on)
+    scaling: tuple[tuple[str, float | tuple[str, int]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,10 +313,13 @@ class ChunkedMLP(_ChunkedSite):
         self.form, self.activation = form, activation
         self.register(form, activation.code)
 
-    def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights):
-        """`adapter_weights`: A and B of each linear's LoRA adapter (None, None where it has none)."""
+    def forward(self, x, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights_and_scales):
+        """Then A and B of each linear's LoRA adapter (None, None where it has none), and the
+        per-channel scales of the product (both only when the form has any)."""
         rows = x.reshape(-1, x.shape[-1])
-        out = _ChunkedMLPFunction.apply(self.key, rows, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights)
+        out = _ChunkedMLPFunction.apply(
+            self.key, rows, gate_w, gate_b, up_w, up_b, down_w, down_b, *adapter_weights_and_scales
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def chunk(self, linear, x, params, *extra):
@@ -327,6 +334,7 @@ class ChunkedMLP(_ChunkedSite):
         if form.gated:
             hidden = hidden * up if form.act_first else up * hidden
         for op, s in form.scaling:
+            s = params[12 + s[1]] if isinstance(s, tuple) else s  # ("param", k): the k-th scale
             hidden = hidden * s if op == "mul" else hidden / s
         return self._linear(linear, 2, hidden, params)
 

@@ -4,7 +4,8 @@ Matched forms (any elementwise activation; biases or not; GPT-2's Conv1D counts 
 so does a linear with a LoRA adapter added, `passes/adapters.py`):
 
     gated   out = down(act(gate(x)) * up(x))          (either operand order; the product may be
-                                                      scaled by Python numbers: `up * act(gate) * s`)
+                                                      scaled by numbers or per-channel parameters:
+                                                      `up * act(gate) * s`)
     fused   g, u = gate_up(x).chunk(2, -1); out = down(act(g) * u)
     plain   out = down(act(fc(x)))
 
@@ -72,6 +73,7 @@ class MLPSite:
     activation: fx.GraphModule
     nodes: list[fx.Node]  # everything the rewrite replaces
     report: SiteReport
+    scales: list[fx.Node] = dataclasses.field(default_factory=list)  # per-channel scales of the product
 
 
 def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = False, reported=frozenset()):
@@ -265,7 +267,7 @@ def _match_mlp(down: Linear) -> MLPSite | None:
         if is_inactive_dropout(product):  # dropout(p=0) after the product (CPM-Ant, ModernBERT)
             identities.append(product)
             product = product.args[0] if product.args else product.kwargs["input"]
-        elif (scaled := _scaled_by_number(product)) is not None:  # `up * act(gate) * s`
+        elif (scaled := _scaled(product)) is not None:  # `up * act(gate) * s`
             identities.append(product)
             scaling.insert(0, scaled[1])
             product = scaled[0]
@@ -277,8 +279,7 @@ def _match_mlp(down: Linear) -> MLPSite | None:
             for act_side, up_side, act_first in ((p, q, True), (q, p, False)):
                 site = _match_gated(down, product, act_side, up_side, act_first, identities)
                 if site is not None:
-                    site.form = dataclasses.replace(site.form, scaling=tuple(scaling))
-                    return site
+                    return _with_scaling(site, scaling)
     hidden = down.input
     fc_out = _chain_source(hidden)
     fc = match_any_linear(fc_out) if fc_out is not hidden else None
@@ -290,17 +291,38 @@ def _match_mlp(down: Linear) -> MLPSite | None:
     return _site(down, fc, None, form, fc_out, chain, [])
 
 
-def _scaled_by_number(node) -> tuple[fx.Node, tuple[str, float]] | None:
-    """(x, ("mul" | "div", s)) for `x * s`, `s * x` or `x / s` with a Python number s, else None."""
+def _with_scaling(site: MLPSite, scaling: list) -> MLPSite:
+    """The site with its product's scaling: numbers go in the form, parameters are site inputs
+    (`("param", k)`: the k-th of `site.scales`)."""
+    params = [s for _, s in scaling if isinstance(s, fx.Node)]
+    steps = tuple((op, ("param", params.index(s)) if isinstance(s, fx.Node) else s) for op, s in scaling)
+    site.form = dataclasses.replace(site.form, scaling=steps)
+    site.scales = params
+    return site
+
+
+def _scaled(node) -> tuple[fx.Node, tuple[str, float | fx.Node]] | None:
+    """(x, ("mul" | "div", s)) for `x * s`, `s * x` or `x / s` with a Python number s, or with s a
+    per-channel parameter (a graph input of x's last width: `hidden * self.scale`), else None."""
     if not is_call(node, {operator.mul, operator.truediv}) or len(node.args) != 2 or len(node.users) != 1:
         return None
-    a, b = node.args
-    number = (int, float)
-    if isinstance(a, fx.Node) and isinstance(b, number) and not isinstance(b, bool):
-        return a, ("mul" if node.target is operator.mul else "div", float(b))
-    if node.target is operator.mul and isinstance(b, fx.Node) and isinstance(a, number) and not isinstance(a, bool):
-        return b, ("mul", float(a))
+    op = "mul" if node.target is operator.mul else "div"
+    for x, s in (node.args, node.args[::-1] if op == "mul" else ()):
+        if not isinstance(x, fx.Node):
+            continue
+        if isinstance(s, (int, float)) and not isinstance(s, bool):
+            return x, (op, float(s))
+        if op == "mul" and _is_per_channel(s, x):
+            return x, ("mul", s)
     return None
+
+
+def _is_per_channel(s, x: fx.Node) -> bool:
+    """A parameter or buffer (a graph input), one value per channel of x's last dim."""
+    value, shape = example_value(s), shape_of(x)
+    if not isinstance(s, fx.Node) or s.op not in ("placeholder", "get_attr") or value is None or shape is None:
+        return False
+    return value.is_floating_point() and value.numel() == shape[-1] and value.shape[-1] == shape[-1]
 
 
 def _match_gated(down, product, act_side, up_side, act_first, identities) -> MLPSite | None:
@@ -451,8 +473,9 @@ def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: Mst
         up.weight if up else None, up.bias if up else None,
         site.down.weight, site.down.bias,
     )  # fmt: skip
-    if any(site.form.adapters):
+    if any(site.form.adapters) or site.scales:
         args += tuple(_adapter_weights(site.gate, up, site.down))
+    args += tuple(site.scales)
     with gm.graph.inserting_before(site.down.out):
         chunked = gm.graph.call_module(name, args)
     chunked.meta.update(site.down.out.meta)

@@ -47,3 +47,25 @@ def test_gated_mlp_forms(form, scale):
     kinds = assert_parity(mlp, lambda m, x: m(x).pow(2).mean(), (x,), chunk_size=16)
     expected = "mlp gated" if form == "separate" else "mlp fused"
     assert kinds == {expected: 1}, skipped_reasons()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_gated_product_scaled_per_channel(fused):
+    """`up * act(gate) * self.scale` with a learned (I,) scale: rewritten, the scale's gradient too."""
+
+    class Scaled(GatedMLP):
+        def __init__(self):
+            super().__init__(fused=fused, act_half=0, scale=None)
+            self.channel_scale = nn.Parameter(torch.linspace(0.5, 1.5, I))
+
+        def forward(self, x):
+            if self.fused:
+                gate, up = self.gate_up(x).chunk(2, dim=-1)
+            else:
+                gate, up = self.gate(x), self.up(x)
+            return x + self.down(up * F.silu(gate) * self.channel_scale)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, D)
+    kinds = assert_parity(Scaled(), lambda m, x: m(x).pow(2).mean(), (x,), chunk_size=16)
+    assert kinds == {"mlp fused" if fused else "mlp gated": 1}, skipped_reasons()
