@@ -11,10 +11,10 @@ save memory, but never fails training.
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mst_fx.deferred_logits import defer_outputs
 from mst_fx.dropped_logits import mark_outputs
@@ -102,10 +102,10 @@ def _counting_blocks(compiled, example_inputs, report: GraphReport):
     index = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
     if index is None or not report.rewritten():
         return compiled
-    seen = weakref.WeakSet()
+    seen = WeakIdKeyDictionary()  # by identity: a WeakSet would compare tensors with ==
 
     def call(*args):
-        seen.add(args[index])
+        seen[args[index]] = True
         report.blocks = len(seen)
         return compiled(*args)
 
