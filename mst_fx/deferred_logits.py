@@ -113,6 +113,7 @@ class DeferredLogits(Tensor):
         return repr(self)
 
     @classmethod
+    @torch._dynamo.disable  # runs eagerly: inside a compiled region, Dynamo breaks the graph here
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _handle(func, args, kwargs or {})
 
@@ -135,7 +136,6 @@ class DeferredLogits(Tensor):
         return self._logits
 
 
-@torch._dynamo.disable
 def _handle(func, args, kwargs):
     if func in READABLE:
         with torch._C.DisableTorchFunctionSubclass():

@@ -110,6 +110,7 @@ class DeferredTokenLosses(Tensor):
         return f"DeferredTokenLosses(shape={tuple(self.shape)}, pieces={len(self.pieces)})"
 
     @classmethod
+    @torch._dynamo.disable  # runs eagerly: inside a compiled region, Dynamo breaks the graph here
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _handle_losses(func, args, kwargs or {})
 
@@ -124,7 +125,6 @@ class DeferredTokenLosses(Tensor):
         return self._values
 
 
-@torch._dynamo.disable
 def _handle_losses(func, args, kwargs):
     if func in READABLE:
         with torch._C.DisableTorchFunctionSubclass():
