@@ -13,7 +13,7 @@ by chunk and calls a chunk body that Inductor compiled once per chunk shape (`ch
         for c in chunks:
             dx, (dz, inp) per linear = gradient_body(x[c], grad_out[c], params)   # recompute + grads
             grad_x[c] = dx;  grad_W.addmm_(dz.T, inp);  grad_b += dz.sum(0)
-    LM head + loss     mst::linear_cross_entropy(site, x, [W, b, (A, B)], target, needs)
+    LM head + loss     mst::linear_cross_entropy(site, x, [W, b, (A, B)], target, weights, needs)
         (the loss is the graph's last node: its gradient is a scalar, so the forward computes the
          gradients too, with no recompute, as torch core's F.linear_cross_entropy and Liger do)
         loss = 0;  grad_x = empty(N, d);  grad_W = zeros(W.shape, fp32)
@@ -204,28 +204,30 @@ def _(site, x, grad_out, params, needs, autocast_dtype):
 
 @torch.library.custom_op("mst::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
-    site: str, x: Tensor, params: list[Tensor | None], target: Tensor, needs: list[bool],
+    site: str, x: Tensor, params: list[Tensor | None], target: Tensor, weights: Tensor | None, needs: list[bool],
     autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
     """[loss, *the gradients in `needs`], the gradients being those of the loss itself. `params`:
-    the head's weight and bias, then its LoRA adapter's A and B if it has one."""
+    the head's weight and bias, then its LoRA adapter's A and B if it has one. `weights`: one per
+    token, for a loss written as a weighted sum of per-token terms (a mask), or None."""
     head = _site(site)
-    x, target, *params = _contiguous([x, target, *params])
+    x, target, weights, *params = _contiguous([x, target, weights, *params])
+    extra = [target] if weights is None else [target, weights]
     counted = (target != head.form.ignore_index).sum()
     mean = head.form.reduction == "mean"
     # An all-ignored batch has all-zero gradients, as in PyTorch: clamp so 0 * (1 / 0) is not NaN.
     scale = 1.0 / counted.clamp(min=1).float() if mean else x.new_ones((), dtype=torch.float32)
     total, grad_x, grads = _gradient_loop(
-        head, x, lambda s, n: scale, params, lambda s, n: (target.narrow(0, s, n),), needs, autocast_dtype, True
+        head, x, lambda s, n: scale, params, lambda s, n: [e.narrow(0, s, n) for e in extra], needs, autocast_dtype, True
     )
     loss = total / counted if mean else total
-    dtype = _probe(head, x, params, autocast_dtype, target).dtype
+    dtype = _probe(head, x, params, autocast_dtype, *extra).dtype
     return [loss.to(dtype), *(g for g in [grad_x, *grads] if g is not None)]
 
 
 @linear_cross_entropy.register_fake
-def _(site, x, params, target, needs, autocast_dtype):
-    loss = _probe(_site(site), x, params, autocast_dtype, target)
+def _(site, x, params, target, weights, needs, autocast_dtype):
+    loss = _probe(_site(site), x, params, autocast_dtype, *([target] if weights is None else [target, weights]))
     return [loss.new_empty(()), *(torch.empty_like(t) for t, need in zip([x, *params], needs) if need)]
 
 
@@ -262,9 +264,10 @@ class _ChunkedMLPFunction(torch.autograd.Function):
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, key: str, x: Tensor, target: Tensor, *params: Tensor | None) -> Tensor:
-        needs = [ctx.needs_input_grad[1], *ctx.needs_input_grad[3:]]
-        loss, *grads = torch.ops.mst.linear_cross_entropy(key, x, list(params), target, needs, _autocast_dtype(x))
+    def forward(ctx, key: str, x: Tensor, target: Tensor, weights: Tensor | None, *params: Tensor | None) -> Tensor:
+        needs = [ctx.needs_input_grad[1], *ctx.needs_input_grad[4:]]
+        autocast_dtype = _autocast_dtype(x)
+        loss, *grads = torch.ops.mst.linear_cross_entropy(key, x, list(params), target, weights, needs, autocast_dtype)
         found = iter(grads)
         ctx.save_for_backward(*(next(found) if need else None for need in needs))
         return loss
@@ -275,7 +278,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
         scale = grad_loss.float()
         grad_x, *grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
-        return None, grad_x, None, *grads
+        return None, grad_x, None, None, *grads
 
 
 # ---------------------------------------------------------------- the modules the passes insert
@@ -385,19 +388,19 @@ class ChunkedLinearCrossEntropy(_ChunkedSite):
         self.form, self.logit_transform = form, logit_transform
         self.register(form, logit_transform.code)
 
-    def forward(self, x_rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *adapter) -> Tensor:
-        """`adapter`: the LoRA adapter's A and B when the form has one."""
-        return _LinearCrossEntropyFunction.apply(self.key, x_rows, target, weight, bias, *adapter)
+    def forward(self, x_rows: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *adapter, weights=None):
+        """`adapter`: the LoRA adapter's A and B when the form has one. `weights`: one per token
+        (the loss is then the weighted sum of the per-token terms)."""
+        return _LinearCrossEntropyFunction.apply(self.key, x_rows, target, weights, weight, bias, *adapter)
 
-    def chunk(self, linear, x, params, target):
+    def chunk(self, linear, x, params, target, *weights):
         logits = self.logit_transform(head_logits(linear, x, params, self.form))
-        return F.cross_entropy(
-            logits,
-            target,
-            ignore_index=self.form.ignore_index,
-            reduction="sum",
-            label_smoothing=self.form.label_smoothing,
-        )
+        form = self.form
+        losses = F.cross_entropy(
+            logits, target, ignore_index=form.ignore_index, reduction="none" if weights else "sum",
+            label_smoothing=form.label_smoothing,
+        )  # fmt: skip
+        return (losses * weights[0]).sum() if weights else losses
 
     def extra_repr(self) -> str:
         return f"{self.policy.describe()}, {self.form}"

@@ -41,7 +41,7 @@ from mst_fx.options import MstOptions
 
 from .adapters import adapter_form, adapter_weights, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
-from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses
+from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses, match_token_losses
 from .graph_utils import (
     CantChunk,
     Linear,
@@ -79,10 +79,10 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
     them, "keep" them (option keep_logits=True) or keep them because the model is in "eval mode"
     (Liger-Kernel's rule: logits are dropped only in train mode)."""
     sites, skipped = [], []
-    split_losses = match_split_losses(gm)
-    claimed = {n for match in split_losses for n in match.inside}
+    matched = match_split_losses(gm) + match_token_losses(gm)
+    claimed = {n for match in matched for n in match.inside}
     calls = [n for n in cross_entropy_calls(gm) if n not in claimed]
-    for loss in sorted([*split_losses, *calls], key=_graph_order(gm)):
+    for loss in sorted([*matched, *calls], key=_graph_order(gm)):
         try:
             match = loss if isinstance(loss, LossMatch) else match_loss(loss)
             site = _match_lm_head(match, training, returned_logits)
@@ -254,20 +254,44 @@ def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, optio
         rows, target = head.input, loss.target
         for op in site.row_ops:
             rows = replay_row_op(graph, op, rows, site.report.in_width)
-        if loss.classes_at_1:  # (B, N, d) rows and (B, N) targets, read as B*N tokens
+        if loss.per_token:
+            target = graph.call_method("squeeze", (target, -1))
+        per_token_target = target
+        if loss.classes_at_1 or loss.per_token:  # (B, N, d) rows and (B, N) targets, read as B*N tokens
             rows = graph.call_method("reshape", (rows, -1, site.report.in_width))
             target = graph.call_method("reshape", (target, -1))
-        chunked = graph.call_module(name, (rows, head.weight, head.bias, target, *adapter_weights(head)))
+        kwargs = {"weights": _token_weights(graph, loss.weights, per_token_target)} if loss.weights else {}
+        chunked = graph.call_module(name, (rows, head.weight, head.bias, target, *adapter_weights(head)), kwargs)
+        result = _scaled_as_written(graph, chunked, loss, per_token_target)
         if site.logits_outputs:
             logits = example_value(head.out)
             empty = graph.call_function(torch.empty, ((0,),), {"dtype": logits.dtype, "device": logits.device})
             empty.meta["example_value"] = logits.new_empty((0,))
             empty.meta[DROPPED_LOGITS] = True
-    chunked.meta.update(loss.loss.meta)
-    loss.loss.replace_all_uses_with(chunked)
+    result.meta.update(loss.loss.meta)
+    loss.loss.replace_all_uses_with(result)
     for node in site.logits_outputs:
         node.replace_all_uses_with(empty)
     erase_unused([*loss.inside, *site.transform, *site.row_ops, *head.nodes])
+
+
+def _token_weights(graph: fx.Graph, masks: list[fx.Node], target: fx.Node) -> fx.Node:
+    """The masks of a per-token loss multiplied together, one weight per token, flat."""
+    weights = masks[0]
+    for mask in masks[1:]:
+        weights = graph.call_function(operator.mul, (weights, mask))
+    weights = graph.call_method("expand_as", (weights, target))
+    return graph.call_method("reshape", (weights, -1))
+
+
+def _scaled_as_written(graph: fx.Graph, chunked: fx.Node, loss: LossMatch, target: fx.Node) -> fx.Node:
+    """A per-token loss's sign and factors, and its mean's division by the token count."""
+    result = chunked
+    if loss.scale != 1.0:
+        result = graph.call_function(operator.mul, (result, loss.scale))
+    if loss.mean:
+        result = graph.call_function(operator.truediv, (result, graph.call_method("numel", (target,))))
+    return result
 
 
 def dropped_logits_outputs(gm: fx.GraphModule) -> list[int]:

@@ -8,6 +8,10 @@
     cross_entropy(z_0, y_0, reduction="sum") + ... over z.split(k) / z.chunk(m)
                                                       row splits, as litgpt's and torchtune's chunked
                                                       losses write them: one loss over all of z
+    -(log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1) * mask).sum() / mask.sum()
+    (logsumexp(z, -1) - z.gather(-1, y[..., None]).squeeze(-1)).mean()
+                                                      per-token forms, times masks or numbers,
+                                                      negated, summed or averaged
 
 `LossMatch.loss` is the node the chunked site replaces; everything from `logits` to it (`inside`)
 is read by the site and erased. What follows the loss (a division by the count of valid labels)
@@ -47,6 +51,13 @@ class LossMatch:
     classes_at_1: bool = False  # cross_entropy read z moved to (B, V, N)
     inside: list[fx.Node] = dataclasses.field(default_factory=list)  # logits -> loss, loss included
     casts: list[fx.Node] = dataclasses.field(default_factory=list)  # on the logits after the move or split
+    # A loss written per token (`-log_softmax(z).gather(-1, y)`, ...): the site computes the sum of
+    # the per-token NLL times each of `weights` (masks), and the graph multiplies it by `scale`,
+    # and divides it by the token count when the graph took a mean.
+    weights: list[fx.Node] = dataclasses.field(default_factory=list)
+    scale: float = 1.0
+    mean: bool = False
+    per_token: bool = False  # the target is the gather's (..., 1) index
 
 
 CASTS = ("float", "half", "bfloat16", "to", "type")
@@ -74,6 +85,102 @@ def match_split_losses(gm: fx.GraphModule) -> list[LossMatch]:
         if match is not None:
             found.append(match)
     return found
+
+
+def match_token_losses(gm: fx.GraphModule) -> list[LossMatch]:
+    """Losses written per token and reduced to a scalar: `-log_softmax(z).gather(-1, y)` or
+    `logsumexp(z) - z.gather(-1, y)`, times masks or numbers, negated, summed or averaged."""
+    found = []
+    for node in gm.graph.nodes:
+        if is_call(node, {torch.gather}, ("gather",)):
+            match = _token_loss(node)
+            if match is not None:
+                found.append(match)
+    return found
+
+
+def _token_loss(gather: fx.Node) -> LossMatch | None:
+    args = dict(zip(("input", "dim", "index"), gather.args)) | dict(gather.kwargs)
+    source, index = args.get("input"), args.get("index")
+    shape = shape_of(source)
+    if shape is None or args.get("dim") not in (-1, len(shape) - 1) or shape_of(index) != (*shape[:-1], 1):
+        return None
+    picked, inside = gather, [gather]
+    if len(gather.users) == 1 and is_call(next(iter(gather.users)), {torch.squeeze}, ("squeeze",)):
+        picked = next(iter(gather.users))
+        inside.append(picked)
+    if is_call(source, _LOG_SOFTMAX, ("log_softmax",)) and len(source.users) == 1:
+        ls = dict(zip(("input", "dim"), source.args)) | dict(source.kwargs)
+        if ls.get("dim") not in (-1, len(shape) - 1) or ls.get("dtype") is not None:
+            return None
+        logits, sign, per_token = ls["input"], -1.0, picked  # the gathered log-prob is -NLL
+        inside.insert(0, source)
+    else:
+        logits, per_token = source, _minus_logsumexp(source, picked)
+        if per_token is None:
+            return None
+        lse, sign = per_token[1], per_token[2]
+        per_token = per_token[0]
+        inside += [lse, per_token]
+    return _reduced_token_loss(logits, index, per_token, sign, inside)
+
+
+def _minus_logsumexp(logits: fx.Node, picked: fx.Node):
+    """(node, its logsumexp, sign) for `logsumexp(z, -1) - picked` (+1) or `picked - logsumexp` (-1)."""
+    if len(picked.users) != 1:
+        return None
+    (sub,) = picked.users
+    if not is_call(sub, {operator.sub, torch.sub}, ("sub", "__sub__")) or len(sub.args) != 2:
+        return None
+    other = sub.args[0] if sub.args[1] is picked else sub.args[1]
+    if not is_call(other, {torch.logsumexp}, ("logsumexp",)) or len(other.users) != 1 or other.args[0] is not logits:
+        return None
+    if (dict(zip(("input", "dim"), other.args)) | dict(other.kwargs)).get("dim") not in (-1, (-1,)):
+        return None
+    return sub, other, (1.0 if sub.args[0] is other else -1.0)
+
+
+def _reduced_token_loss(logits, index, per_token, sign, inside) -> LossMatch | None:
+    """Follow the per-token value to a full sum or mean through negation, numbers and masks."""
+    node, scale, weights, shape = per_token, sign, [], shape_of(per_token)
+    while len(node.users) == 1:
+        (user,) = node.users
+        others = [a for a in user.args if a is not node]
+        if is_call(user, {operator.neg, torch.neg}, ("neg", "__neg__")):
+            scale = -scale
+        elif is_call(user, {operator.mul, torch.mul}, ("mul", "__mul__", "__rmul__")) and len(others) == 1:
+            if isinstance(others[0], (int, float)) and not isinstance(others[0], bool):
+                scale *= others[0]
+            elif _is_mask(others[0], shape, logits):
+                weights.append(others[0])
+            else:
+                return None
+        elif is_call(user, {operator.truediv}) and user.args[0] is node and isinstance(user.args[1], (int, float)):
+            scale /= user.args[1]
+        elif is_call(user, {torch.sum, torch.mean}, ("sum", "mean")) and len(user.args) == 1 and not user.kwargs:
+            mean = (user.target if isinstance(user.target, str) else user.target.__name__) == "mean"
+            target = index  # (..., 1): squeezed where the site reads it
+            return LossMatch(user, logits, target, "sum", -100, 0.0, False, [*inside, user], [], weights, scale, mean, True)
+        else:
+            return None
+        inside.append(user)
+        node = user
+    return None
+
+
+def _is_mask(node, shape, logits: fx.Node, max_nodes: int = 64) -> bool:
+    """A tensor of the per-token shape (or broadcast to it) that is not computed from the logits."""
+    value = example_value(node)
+    if value is None or shape is None or torch.broadcast_shapes(value.shape, shape) != torch.Size(shape):
+        return False
+    todo, seen = [node], set()
+    while todo and len(seen) < max_nodes:
+        current = todo.pop()
+        if current is logits:
+            return False
+        seen.add(current)
+        todo.extend(a for a in current.all_input_nodes if a not in seen)
+    return not todo
 
 
 def match_loss(node: fx.Node) -> LossMatch:

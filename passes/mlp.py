@@ -160,9 +160,8 @@ _VOCAB_REDUCTIONS = {"log_softmax", "softmax", "logsumexp", "gather", "take_alon
 
 
 def _unread_losses(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:
-    """Reports for widening linears whose output, through elementwise and row ops, reaches an op
-    that reduces over its last dim (log_softmax, logsumexp, gather, ...) but no loss form the LM-head
-    pass reads: a loss written per token, say. Rewriting those needs a per-token rewrite; this only
+    """Reports for widening linears whose output reaches an op that reduces over its last dim
+    (softmax, logsumexp, gather, ...) but no loss form the LM-head pass reads: an entropy, say. Rewriting those needs a per-token rewrite; this only
     makes sure such a head is never missed in silence."""
     reports = []
     for first in _unclaimed_widening_linears(gm, covered):
@@ -170,23 +169,26 @@ def _unread_losses(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport
         if reducer is not None:
             reason = (
                 f"a widening linear (an LM head?) whose output reaches '{reducer.name}' ({_target_name(reducer)}), "
-                "a loss form the LM-head pass does not read (it reads cross_entropy, nll_loss(log_softmax) and "
-                "row splits of them; a per-token loss such as -log_softmax(z).gather(-1, y) needs a per-token rewrite)"
+                "a use of the logits the LM-head pass does not read (it reads cross_entropy, nll_loss(log_softmax), "
+                "row splits of them and the per-token NLL written with gather, times masks, summed or averaged; "
+                "other per-token uses, such as an entropy or per-token log-probs kept unreduced, need a per-token "
+                "rewrite)"
             )
             reports.append(SiteReport("lm_head", module_path(first.weight), False, reason))
     return reports
 
 
 def _first_reduction_after(start: fx.Node, max_nodes: int = 8) -> fx.Node | None:
-    node = start
-    for _ in range(max_nodes):
-        if len(node.users) != 1:
-            return None
-        (node,) = node.users
-        if _target_name(node) in _VOCAB_REDUCTIONS:
-            return node
-        if node.op not in ("call_function", "call_method") or shape_of(node) is None:
-            return None
+    """The first op reducing over the last dim that `start`'s value reaches (breadth first)."""
+    todo, seen = [start], 0
+    while todo and seen < max_nodes:
+        node = todo.pop(0)
+        for user in node.users:
+            seen += 1
+            if _target_name(user) in _VOCAB_REDUCTIONS:
+                return user
+            if user.op in ("call_function", "call_method") and shape_of(user) is not None:
+                todo.append(user)
     return None
 
 

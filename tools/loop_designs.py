@@ -79,7 +79,7 @@ if design == "mst":
     site = ChunkedLinearCrossEntropy(form, transform, (hidden, vocab), mst_fx.MstOptions(chunks=chunks))
 
     def fn(x, w, y):
-        loss, dx, dw = torch.ops.mst.linear_cross_entropy(site.key, x, [w, None], y, [True, True, False], None)
+        loss, dx, dw = torch.ops.mst.linear_cross_entropy(site.key, x, [w, None], y, None, [True, True, False], None)
         return loss, dx, dw
 else:
     step = torch.compiler.nested_compile_region(chunk_step) if design == "region" else chunk_step
