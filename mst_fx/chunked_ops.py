@@ -53,6 +53,19 @@ from torch import Tensor, nn
 from mst_fx import chunk_bodies
 from mst_fx.options import MstOptions
 
+def _runtime_version() -> str:
+    """A hash of this runtime's code. It is part of every site key, and so of what torch's compile
+    caches key on: a graph cached by another version of the runtime (another signature of its ops,
+    say) is never reused."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    code = b"".join((here / name).read_bytes() for name in ("chunked_ops.py", "chunk_bodies.py", "chunk_plan.py"))
+    return hashlib.sha1(code).hexdigest()[:16]
+
+
+_RUNTIME_VERSION = _runtime_version()
+
 # site key -> the module that describes it; the graph names a site by key (a string argument of
 # the custom op), so that the op stays a plain op that any compiler and cache can hold.
 _SITES: dict[str, _ChunkedSite] = {}
@@ -69,7 +82,7 @@ class _ChunkedSite(nn.Module):
 
     def register(self, *description) -> None:
         settings = (self.policy, self.compiler, self.fp32_accumulation)
-        text = repr((type(self).__name__, self.in_width, self.amplified_width, *settings, *description))
+        text = repr((_RUNTIME_VERSION, type(self).__name__, self.in_width, self.amplified_width, *settings, *description))
         self.key = f"{type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
         _SITES[self.key] = self
 

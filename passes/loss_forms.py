@@ -169,9 +169,12 @@ def _reduced_token_loss(logits, index, per_token, sign, inside) -> LossMatch | N
 
 
 def _is_mask(node, shape, logits: fx.Node, max_nodes: int = 64) -> bool:
-    """A tensor of the per-token shape (or broadcast to it) that is not computed from the logits."""
+    """A tensor of the per-token shape (or broadcast to it) that is not computed from the logits and
+    needs no gradient (the site computes none for it)."""
     value = example_value(node)
-    if value is None or shape is None or torch.broadcast_shapes(value.shape, shape) != torch.Size(shape):
+    if value is None or shape is None or value.requires_grad:
+        return False
+    if torch.broadcast_shapes(value.shape, shape) != torch.Size(shape):
         return False
     todo, seen = [node], set()
     while todo and len(seen) < max_nodes:

@@ -92,3 +92,25 @@ def test_unread_loss_form_is_reported_at_the_head():
     step(ids, labels).backward()
     reasons = skipped_reasons()
     assert any(r.startswith("lm_head:") and "softmax" in r and "per-token" in r for r in reasons), reasons
+
+
+def test_per_token_weights_that_need_a_gradient_leave_the_head_alone():
+    """Weights computed from parameters need their own gradient, which the site does not compute:
+    the loss is left as it is (parity covers the weights' gradient) and the head is reported."""
+    trained, reference = model(), model()
+    ids, labels = batch()
+
+    def weighted(m, ids, y):
+        weights = torch.sigmoid(m.embed(ids).sum(-1))
+        log_probs = F.log_softmax(m(ids), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return -(log_probs * weights).sum()
+
+    expected = weighted(reference, ids, labels)
+    expected.backward()
+    got = torch.compile(lambda ids, y: weighted(trained, ids, y), backend=mst_fx.backend(**OPTIONS))(ids, labels)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not [s for r in mst_fx.compiled_reports() for s in r.rewritten("lm_head")]
+    assert any(r.startswith("lm_head:") for r in skipped_reasons()), skipped_reasons()

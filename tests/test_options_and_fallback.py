@@ -347,3 +347,17 @@ def test_an_mlp_cut_across_graphs_is_reported_not_missed():
     assert not any(k.startswith("mlp") for k in kinds)
     reasons = [r for r in skipped_reasons() if "cut across two graphs" in r]
     assert len(reasons) == 1 and "optimize_ddp" in reasons[0]
+
+
+def test_site_keys_change_with_the_runtime_code(monkeypatch):
+    """Compile caches on disk key on the site key: a graph cached by another version of the runtime
+    (another op signature) must not be reused, so the key carries a hash of the runtime's code."""
+    from mst_fx import chunked_ops
+    from mst_fx.options import MstOptions
+
+    form = chunked_ops.CrossEntropyForm("mean", -100, 0.0, False)
+    transform = torch.fx.symbolic_trace(torch.nn.Identity())
+    before = chunked_ops.ChunkedLinearCrossEntropy(form, transform, (8, 64), MstOptions()).key
+    monkeypatch.setattr(chunked_ops, "_RUNTIME_VERSION", "another-version")
+    after = chunked_ops.ChunkedLinearCrossEntropy(form, transform, (8, 64), MstOptions()).key
+    assert before != after
