@@ -103,12 +103,14 @@ def _with_nones(tensors: Sequence[Tensor], present: Sequence[bool]) -> list[Tens
 
 
 def forward_body(chunk: Callable, present: Sequence[bool], autocast_dtype):
-    """(x_c, *params) -> (out_c,): the chunk's computation alone."""
+    """(x_c, *params, *extra) -> outputs: the chunk's computation alone (one output or several)."""
+    count = sum(present)
 
-    def body(x, *tensors):
-        params = _with_nones(tensors, present)
+    def body(x, *rest):
+        params, extra = _with_nones(rest[:count], present), rest[count:]
         with autocast(x.device.type, autocast_dtype):
-            return (chunk(plain_linear(params), x, params),)
+            out = chunk(plain_linear(params), x, params, *extra)
+        return out if isinstance(out, tuple) else (out,)
 
     return body
 

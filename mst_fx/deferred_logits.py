@@ -16,6 +16,9 @@ soft-capping). Then:
   "none" gives `DeferredTokenLosses` (`per_token_loss.py`): concatenated and summed, as litgpt's
   chunked loss does over its splits, they are one summed loss again, computed as above; anything
   else computes them per token, chunked, with recompute in backward;
+* row-wise ops (softmax, log_softmax, exp, ... over the last dim) stay deferred, and reductions of
+  each row (log-probs by gather, logsumexp, an entropy's sum, argmax) run chunked, per token
+  (`deferred_rows.py`): what RL and preference trainers compute outside the model;
 * a backward hook (`register_hook`, as Lightning Fabric adds) observes the rows' gradient;
 * anything else computes the logits, once per `DeferredLogits`, through autograd (gradients stay
   exact) and says so at WARNING level, once: the saving is lost there, nothing else.
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from mst_fx import deferred_rows
 from mst_fx.chunk_bodies import autocast, plain_linear
 from mst_fx.chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits
 from mst_fx.dropped_logits import READABLE
@@ -142,7 +146,8 @@ def _handle(func, args, kwargs):
             return func(*args, **kwargs)
     first = args[0] if args else None
     if isinstance(first, DeferredLogits):
-        for rule in (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook):
+        rules = (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook, _row_wise, _combined, _per_token)
+        for rule in rules:
             result = rule(func, first, args[1:], kwargs)
             if result is not NotImplemented:
                 return result
@@ -163,8 +168,8 @@ def _warn_materialised(deferred: DeferredLogits, why: str) -> None:
     mib = deferred.numel() * deferred.dtype.itemsize / 2**20
     log.warning(
         "mst: '%s' on the deferred logits of %s computed them in full (%s, %.0f MiB), which is the "
-        "memory mst saves: cross_entropy on them (after views, slices, splits and casts) runs chunked "
-        "without them. Compile with options={'keep_logits': True} to get plain logits.",
+        "memory mst saves: cross_entropy on them (after views, slices, splits and casts), and per-token "
+        "log-probs, logsumexp and entropies, run chunked without them. Compile with options={'keep_logits': True} to get plain logits.",
         why, location, "x".join(map(str, deferred.shape)), mib,
     )  # fmt: skip
 
@@ -331,6 +336,33 @@ def _elementwise(func, deferred, rest, kwargs):
         return NotImplemented
     head = deferred.head.then(func, tuple(rest), dict(kwargs), out.dtype)
     return DeferredLogits(deferred.rows, head, deferred.class_dim)
+
+
+def _row_wise(func, deferred, rest, kwargs):
+    """softmax / log_softmax over the last dim, exp, log, ...: one more op of the head's transform."""
+    op = deferred_rows.row_wise(func, deferred, rest, kwargs)
+    if op is NotImplemented:
+        return op
+    out = _on_meta(func, deferred, rest, kwargs)
+    if not isinstance(out, Tensor) or out.shape != deferred.shape:
+        return NotImplemented
+    func, args, kwargs = op
+    return DeferredLogits(deferred.rows, deferred.head.then(func, args, kwargs, out.dtype), deferred.class_dim)
+
+
+def _combined(func, deferred, rest, kwargs):
+    """`exp(logps) * logps`: two deferred logits of the same rows, one transform."""
+    transform = deferred_rows.combined(func, deferred, rest, kwargs)
+    if transform is NotImplemented:
+        return transform
+    dtype = torch.promote_types(deferred.dtype, rest[0].dtype)
+    head = dataclasses.replace(deferred.head, transform=transform, dtype=dtype)
+    return DeferredLogits(deferred.rows, head, deferred.class_dim)
+
+
+def _per_token(func, deferred, rest, kwargs):
+    """A reduction of each row (logsumexp, sum, gather, argmax over the last dim), chunked now."""
+    return deferred_rows.per_token(func, deferred, rest, kwargs)
 
 
 def _hook(func, deferred, rest, kwargs):

@@ -44,6 +44,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
       estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
       sites                  list, in graph order, each:
         kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
+                               | "lm_head per-token" (values kept per token: log-probs, entropies, ...)
                                | "attention" (one per attention mask, shared by the SDPA calls that take it)
         location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
         rewritten              true | false
@@ -58,6 +59,8 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                                are returned deferred (`mst_fx.deferred_logits`) (null for other sites)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
         calls                  attention: the SDPA calls that take the mask (null for other kinds)
+        token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
+                               the traced code names them, e.g. "logps (gather)" (null for other kinds)
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
 

@@ -52,6 +52,7 @@ _COEFFICIENTS = {
     "mlp fused": (3, 1, 6),
     "mlp plain": (2, 1, 4),
     "lm_head": (1, 0, 2),
+    "lm_head per-token": (2, 1, 4),  # logits and their log-softmax kept; recompute, like an MLP
     "attention": (1, 0, 0),
 }
 
@@ -59,8 +60,8 @@ METHOD = (
     "Estimates from shapes, not measurements (nothing is allocated), for one training step, counting only "
     "the sites' own tensors: the rest of the model is the same with and without mst. Per site, N tokens, "
     "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
-    "2NIs (plain MLP), NVs (LM head); its backward adds NIs (MLP) or 0 (LM head; 2NVs if the logits are "
-    "returned); an attention mask keeps B Nq Nkv bytes; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain); the LM head keeps (N+V)ds "
+    "2NIs (plain MLP), NVs (LM head), 2NVs (per-token head: logits, log-softmax); its backward adds NIs (MLP), NVs "
+    "(per-token head) or 0 (LM head; 2NVs if the logits are returned); an attention mask keeps B Nq Nkv bytes; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain), a per-token head 4cVs; the LM head keeps (N+V)ds "
     "of gradients and adds the larger of 2cVs (a chunk's logits and their gradient) and (N+V)ds (the gradients scaled in its backward). Backward runs the sites in reverse: peak = max over sites i of (kept by "
     "sites 1..i + added by site i); saving = peak before - peak after."
 )

@@ -21,7 +21,8 @@ class MstOptions:
     chunks:      "auto", or a fixed number of chunks M >= 1 for every site (the chunk size then
                  follows the length). Give chunk_size or chunks, not both.
     mlp:         rewrite linear -> activation -> linear blocks.
-    lm_head:     rewrite linear -> cross_entropy (the logits are never materialised).
+    lm_head:     rewrite linear -> cross_entropy, and linear -> values kept per token (log-probs,
+                 entropies; see passes/token_head.py): the logits are never materialised.
     attention:   give SDPA calls whose mask is provably causal `is_causal=True` and no mask (with
                  padding possible: a runtime choice between that and the masked call).
     keep_logits: in training, still return the logits the model outputs (costs N x V memory,

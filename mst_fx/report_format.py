@@ -62,6 +62,8 @@ def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list
         shape = f"mask {site.tokens} x {site.amplified_width}, {site.calls} calls"
     kind = f"{site.kind} (checkpointed)" if site.checkpointed else site.kind
     kind = f"{kind} (loss outside)" if site.loss_outside and site.rewritten else kind
+    if site.token_outputs:
+        kind = f"{kind}: {', '.join(site.token_outputs)}"
     row = [
         site.location, kind, shape, _chunking(site),
         human_bytes(largest[0]), human_bytes(largest[1]), "" if site.rewritten else (site.reason or "?"),

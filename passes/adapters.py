@@ -67,6 +67,13 @@ def refuse_random_adapter(linear: Linear) -> None:
         )
 
 
+def inside_adapted_linears(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes of linears with a LoRA adapter other than their output: the base linear in there (and
+    the adapter's B, which widens) is not a layer of its own; the whole adapted linear is."""
+    adapted = (match_adapted_linear(node) for node in gm.graph.nodes)
+    return {n for linear in adapted if linear is not None for n in linear.nodes if n is not linear.out}
+
+
 def match_any_linear(node) -> Linear | None:
     """A linear, with or without a LoRA adapter."""
     return match_adapted_linear(node) or match_linear(node)

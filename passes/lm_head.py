@@ -81,7 +81,8 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
     sites, skipped = [], []
     matched = match_split_losses(gm) + match_token_losses(gm)
     claimed = {n for match in matched for n in match.inside}
-    calls = [n for n in cross_entropy_calls(gm) if n not in claimed]
+    # reduction="none" keeps a loss per token: the per-token pass's (`token_head.py`), which reports it.
+    calls = [n for n in cross_entropy_calls(gm) if n not in claimed and not _per_token(n)]
     for loss in sorted([*matched, *calls], key=_graph_order(gm)):
         try:
             match = loss if isinstance(loss, LossMatch) else match_loss(loss)
@@ -98,6 +99,10 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
             continue
         sites.append(site)
     return sites, skipped
+
+
+def _per_token(call: fx.Node) -> bool:
+    return call.kwargs.get("reduction") == "none" or "none" in call.args[2:]
 
 
 def _refuse_if_estimated_to_cost(report: SiteReport) -> None:
@@ -146,7 +151,8 @@ def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]
 
 def _is_row_op(node, vocab) -> bool:
     """A reshape of leading dims, or a slice of them, that keeps each row of V logits whole."""
-    if example_value(node.args[0] if node.args else None) is None or shape_of(node)[-1] != vocab:
+    shape = shape_of(node)
+    if example_value(node.args[0] if node.args else None) is None or not shape or shape[-1] != vocab:
         return False
     if is_call(node, (), _ROW_METHODS):
         return True  # input and output both end in V: only the leading dims were regrouped

@@ -5,6 +5,9 @@
 2. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
    in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
 3. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
+   `token_head.py`: a head whose logits reduce, row by row, to values kept per token (log-probs,
+   entropies, unreduced cross-entropy) becomes `ChunkedLinearRows` (recompute in backward). It runs
+   after `lm_head.py`, which takes the heads whose loss is a scalar in the graph (the cheaper site).
 4. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
    computed outside) is taken out; the caller gets `DeferredLogits`, which chunk the loss there.
 
@@ -33,6 +36,7 @@ from .lm_head import find_lm_head_sites, rewrite_lm_head_site
 from .mlp import CUT_REASON, find_mlp_sites, rewrite_mlp_site
 from .report import GraphReport, SiteReport
 from .returned_logits import find_returned_heads, rewrite_returned_head
+from .token_head import find_token_head_sites, rewrite_token_head_site
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_t
     if options.lm_head:
         logits = "keep" if options.keep_logits else "eval mode" if model_training is False else "drop"
         heads += _rewrite_lm_heads(gm, options, training, logits)
+        heads = _one_report_per_head(heads, _rewrite_token_heads(gm, options, reported))
         if training and not _ddp_optimizer_split_this_graph():
             heads += _rewrite_returned_heads(gm, options, logits, reported)
     if options.mlp:
@@ -82,6 +87,23 @@ def _rewrite_lm_heads(gm: fx.GraphModule, options: MstOptions, training: bool, l
                 "memory; pass options={'keep_logits': True} to keep them",
                 site.report.location,
             )
+    return [s.report for s in sites] + skipped
+
+
+def _one_report_per_head(loss_heads: list[SiteReport], token_heads: list[SiteReport]) -> list[SiteReport]:
+    """A head the LM-head pass left alone (its logits have other uses) may be the per-token pass's:
+    then that rewrite is its report. Left alone by both, it keeps the LM-head pass's reason."""
+    taken = {s.location for s in token_heads if s.rewritten}
+    reported = {s.location for s in loss_heads}
+    kept = [s for s in loss_heads if s.rewritten or s.location not in taken]
+    return kept + [s for s in token_heads if s.rewritten or s.location not in reported]
+
+
+def _rewrite_token_heads(gm: fx.GraphModule, options: MstOptions, reported: set) -> list[SiteReport]:
+    sites, skipped, left_alone = find_token_head_sites(gm, options.policy)
+    for index, site in enumerate(sites):
+        rewrite_token_head_site(gm, site, index, options)
+    reported.update(left_alone)
     return [s.report for s in sites] + skipped
 
 

@@ -38,7 +38,7 @@ from mst_fx.chunk_plan import ChunkPolicy
 from mst_fx.chunked_ops import ChunkedMLP, MLPForm
 from mst_fx.options import MstOptions
 
-from .adapters import AdaptedLinear, adapter_form, match_adapted_linear, match_any_linear, refuse_random_adapter
+from .adapters import AdaptedLinear, adapter_form, inside_adapted_linears, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
 from .graph_utils import (
     CantChunk,
@@ -82,7 +82,7 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
     `reported`: nodes another pass has reported already (an LM head whose logits are returned)."""
     sites, skipped, claimed = [], [], set()
     covered = set(reported)  # nodes of every site found, rewritten or not: reported either way
-    inside_adapted = _inside_adapted_linears(gm)
+    inside_adapted = inside_adapted_linears(gm)
     for node in gm.graph.nodes:
         down = None if node in inside_adapted else match_any_linear(node)
         if down is None:
@@ -114,13 +114,6 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
         claimed.update(site.nodes)
     cut = _cut_across_graphs(gm, covered) if training else []
     return sites, skipped + _unmatched_mlp_shapes(gm, covered) + cut + _unread_losses(gm, covered)
-
-
-def _inside_adapted_linears(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes of linears with a LoRA adapter other than their output: the base linear in there is
-    not an MLP's last linear, the whole adapted linear is."""
-    adapted = (match_adapted_linear(node) for node in gm.graph.nodes)
-    return {n for linear in adapted if linear is not None for n in linear.nodes if n is not linear.out}
 
 
 def _unmatched_mlp_shapes(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport]:

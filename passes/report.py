@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class SiteReport:
-    kind: str  # "mlp gated", "mlp fused", "mlp plain", "lm_head" or "attention" (one per mask)
+    kind: str  # "mlp gated", "mlp fused", "mlp plain", "lm_head", "lm_head per-token" or "attention" (one per mask)
     location: str  # owning module, recovered from parameter names, e.g. "model.layers.0.mlp"
     rewritten: bool
     reason: str | None = None  # why the site was left alone
@@ -26,6 +26,7 @@ class SiteReport:
     loss_outside: bool | None = None  # lm_head: the logits leave the graph for a loss computed outside it
     checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
     calls: int | None = None  # attention: the SDPA calls that take this mask (one per layer)
+    token_outputs: list[str] | None = None  # lm_head per-token: the values kept per token, "name (op)"
 
     @property
     def has_shapes(self) -> bool:

@@ -79,24 +79,37 @@ def test_per_token_loss_form_in_the_graph(loss_fn):
     test_loss_form_in_the_graph(loss_fn)
 
 
-def test_unread_loss_form_is_reported_at_the_head():
-    """An entropy bonus reads the logits per token in a way no loss form covers: reported."""
+def test_entropy_bonus_is_a_per_token_site():
+    """An entropy reads each row of logits in a way no loss form covers: the per-token site takes it."""
 
     def with_entropy(z, y):
         p = F.softmax(z, dim=-1)
         return -(p * F.log_softmax(z, dim=-1)).sum(-1).mean()
 
-    trained = model()
+    trained, reference = model(), model()
     ids, labels = batch()
+    with_entropy(reference(ids), labels).backward()
     step = torch.compile(lambda ids, y: with_entropy(trained(ids), y), backend=mst_fx.backend(**OPTIONS))
     step(ids, labels).backward()
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert rewritten_kinds() == {"lm_head per-token": 1, "mlp gated": 2}, skipped_reasons()
+
+
+def test_softmax_across_tokens_is_reported_at_the_head():
+    """A softmax over the token dim is not row-wise: the head is left alone, and the op is named."""
+    trained = model()
+    ids, labels = batch()
+    step = torch.compile(lambda ids: F.softmax(trained(ids), dim=1).amax(-1).sum(), backend=mst_fx.backend(**OPTIONS))
+    step(ids).backward()
     reasons = skipped_reasons()
-    assert any(r.startswith("lm_head:") and "softmax" in r and "per-token" in r for r in reasons), reasons
+    assert any(r.startswith("lm_head per-token:") and "'softmax'" in r and "token dim" in r for r in reasons), reasons
 
 
-def test_per_token_weights_that_need_a_gradient_leave_the_head_alone():
-    """Weights computed from parameters need their own gradient, which the site does not compute:
-    the loss is left as it is (parity covers the weights' gradient) and the head is reported."""
+def test_per_token_weights_that_need_a_gradient_make_a_per_token_site():
+    """Weights computed from parameters need their own gradient, which the reduced-loss site does
+    not compute: the log-probs are kept per token instead, and the weighting stays in the graph
+    (parity covers the weights' gradient)."""
     trained, reference = model(), model()
     ids, labels = batch()
 
@@ -112,5 +125,4 @@ def test_per_token_weights_that_need_a_gradient_leave_the_head_alone():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    assert not [s for r in mst_fx.compiled_reports() for s in r.rewritten("lm_head")]
-    assert any(r.startswith("lm_head:") for r in skipped_reasons()), skipped_reasons()
+    assert [s.kind for r in mst_fx.compiled_reports() for s in r.rewritten("lm_head")] == ["lm_head per-token"]

@@ -1,0 +1,184 @@
+"""Per-token outputs of an LM head, chunk by chunk: log-probs, entropies, unreduced cross-entropy.
+
+Post-training code keeps one value (or a few) per token and reduces later: GRPO's log-probs of the
+chosen tokens, an entropy bonus, a token accuracy, `cross_entropy(..., reduction="none")`. The
+pass (`passes/token_head.py`) lifts every row-wise function of the logits between the head and
+those values into one graph, `row_function(logits_rows, *token_inputs, *whole_inputs)`, and puts
+this site in its place:
+
+    forward    mst::linear_rows_forward(site, x, params, token_inputs, whole_inputs)
+        for c in chunks:   out_k[c] = row_function(head(x[c]), token_inputs[c], whole_inputs)
+    backward   mst::linear_rows_backward(site, x, grad_outs, params, ...)
+        for c in chunks:   recompute the differentiable outputs of chunk c, weighted by grad_outs[c]:
+                           grad_x[c] = ..., grad_W += dz^T x[c] (fp32)
+
+The upstream gradient is one number per token and output, known only in backward, so the backward
+recomputes each chunk's logits (the MLP rewrite's scheme: one more head matmul per chunk). All
+outputs share one pass over the chunks; those that are not differentiable (an argmax, a value
+computed under no_grad) are computed in forward only and cost no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from mst_fx import chunk_bodies
+from mst_fx.chunked_ops import (
+    CrossEntropyForm,
+    _autocast_dtype,
+    _ChunkedSite,
+    _contiguous,
+    _gradient_loop,
+    _present,
+    _site,
+    head_logits,
+    refuse_double_backward,
+)
+from mst_fx.options import MstOptions
+
+
+class ChunkedLinearRows(_ChunkedSite):
+    """The head and a row-wise function of its logits, chunk by chunk; the N x V logits never exist.
+
+    `row_function`: (logits rows (c, V), *token inputs (c, ...), *whole inputs) -> per-token outputs,
+    each (c,) or (c, k). `differentiable`: which outputs carry a gradient."""
+
+    def __init__(
+        self, form: CrossEntropyForm, row_function: fx.GraphModule, differentiable: tuple[bool, ...],
+        token_specs: tuple, whole_specs: tuple, output_leads: tuple[str, ...], widths: tuple[int, int],
+        options: MstOptions,
+    ):  # fmt: skip
+        """`token_specs`: per input read per token, ("model" | "flat", trailing shape): it broadcasts
+        to the logits' leading dims (or to all tokens flat) and that trailing shape. `whole_specs`:
+        the trailing shape each input read whole is viewed as. `output_leads`: per output, whether
+        it comes back with the logits' leading dims ("model") or flat."""
+        super().__init__(widths, options)
+        self.form, self.row_function, self.differentiable = form, row_function, differentiable
+        self.token_specs, self.whole_specs, self.output_leads = token_specs, whole_specs, output_leads
+        self.register(form, differentiable, token_specs, whole_specs, row_function.code)
+        # The backward's site, by key: a reference to it would make a cycle that compile caches can't pickle.
+        self.gradient_key = _DifferentiableRows(self.key, widths, options).key
+
+    def forward(self, x: Tensor, params: list, token_inputs: list, whole_inputs: list) -> tuple[Tensor, ...]:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        tokens = [_flat(t, lead if where == "model" else rows.shape[:1], tail) for t, (where, tail) in zip(token_inputs, self.token_specs)]
+        wholes = [w.reshape(tail) for w, tail in zip(whole_inputs, self.whole_specs)]
+        counts = (len(params), len(tokens))
+        outs = _LinearRowsFunction.apply(self.key, counts, rows, *params, *tokens, *wholes)
+        return tuple(o.view(*lead, *o.shape[1:]) if where == "model" else o for o, where in zip(outs, self.output_leads))
+
+    def chunk(self, linear, x, params, *inputs):
+        return tuple(self.row_function(head_logits(linear, x, params, self.form), *inputs))
+
+    def extra_repr(self) -> str:
+        return f"{self.policy.describe()}, {self.form}, differentiable={self.differentiable}"
+
+
+def _flat(tensor: Tensor, lead, tail) -> Tensor:
+    """An input read per token, broadcast to (*lead, *tail) and flattened to (N, *tail)."""
+    return tensor.expand(*lead, *tail).reshape(-1, *tail)
+
+
+class _DifferentiableRows(_ChunkedSite):
+    """What the backward recomputes: the differentiable outputs, flattened and joined, (c, k) fp32."""
+
+    def __init__(self, site_key: str, widths, options):
+        super().__init__(widths, options)
+        self.site_key = site_key
+        self.register(site_key)
+
+    def chunk(self, linear, x, params, *inputs):
+        site = _site(self.site_key)
+        outs = site.chunk(linear, x, params, *inputs)
+        kept = [o for o, d in zip(outs, site.differentiable) if d]
+        return torch.cat([o.float().reshape(o.shape[0], -1) for o in kept], dim=-1)
+
+
+def _narrowed(tokens: list[Tensor], wholes: list[Tensor]):
+    return lambda start, length: [*(t.narrow(0, start, length) for t in tokens), *wholes]
+
+
+def _probe(site: ChunkedLinearRows, x, params, tokens, wholes, autocast_dtype) -> tuple[Tensor, ...]:
+    """The outputs on zero rows: their dtypes and trailing shapes, for the real op and the fake."""
+    inputs = _narrowed(tokens, wholes)(0, 0)
+    with torch.no_grad(), chunk_bodies.autocast(x.device.type, autocast_dtype):
+        return site.chunk(chunk_bodies.plain_linear(params), x.narrow(0, 0, 0), params, *inputs)
+
+
+@torch.library.custom_op("mst::linear_rows_forward", mutates_args=())
+def linear_rows_forward(
+    site: str, x: Tensor, params: list[Tensor | None], token_inputs: list[Tensor], whole_inputs: list[Tensor],
+    autocast_dtype: torch.dtype | None,
+) -> list[Tensor]:  # fmt: skip
+    head = _site(site)
+    x, *params = _contiguous([x, *params])
+    tokens, wholes = _contiguous(token_inputs), _contiguous(whole_inputs)
+    probes = _probe(head, x, params, tokens, wholes, autocast_dtype)
+    outs = [x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes]
+    tensors, present = _present(params)
+    body = chunk_bodies.forward_body(head.chunk, present, autocast_dtype)
+    inputs_of = _narrowed(tokens, wholes)
+    for start, length in head.chunks_of(x):
+        inputs = [x.narrow(0, start, length), *tensors, *inputs_of(start, length)]
+        entry = chunk_bodies.compiled((site, "forward", present, autocast_dtype), body, None, inputs, head.compiler)
+        for out, out_c in zip(outs, chunk_bodies.run(entry, inputs)):
+            out.narrow(0, start, length).copy_(out_c)
+    return outs
+
+
+@linear_rows_forward.register_fake
+def _(site, x, params, token_inputs, whole_inputs, autocast_dtype):
+    probes = _probe(_site(site), x, params, token_inputs, whole_inputs, autocast_dtype)
+    return [x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes]
+
+
+@torch.library.custom_op("mst::linear_rows_backward", mutates_args=())
+def linear_rows_backward(
+    site: str, x: Tensor, grad_rows: Tensor, params: list[Tensor | None], token_inputs: list[Tensor],
+    whole_inputs: list[Tensor], needs: list[bool], autocast_dtype: torch.dtype | None,
+) -> list[Tensor]:  # fmt: skip
+    """The gradients in `needs` (x, then each param). `grad_rows`: (N, k) fp32, the upstream
+    gradients of the differentiable outputs, flattened and joined as `_DifferentiableRows` joins them."""
+    head = _site(_site(site).gradient_key)
+    x, grad_rows, *params = _contiguous([x, grad_rows, *params])
+    inputs_of = _narrowed(_contiguous(token_inputs), _contiguous(whole_inputs))
+    seed_of = lambda start, length: grad_rows.narrow(0, start, length)  # noqa: E731
+    _, grad_x, grads = _gradient_loop(head, x, seed_of, params, inputs_of, needs, autocast_dtype, False)
+    return [g for g in [grad_x, *grads] if g is not None]
+
+
+@linear_rows_backward.register_fake
+def _(site, x, grad_rows, params, token_inputs, whole_inputs, needs, autocast_dtype):
+    return [torch.empty_like(t) for t, need in zip([x, *params], needs) if need]
+
+
+class _LinearRowsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key: str, counts: tuple[int, int], x: Tensor, *tensors: Tensor | None):
+        params, rest = list(tensors[: counts[0]]), tensors[counts[0] :]
+        tokens, wholes = list(rest[: counts[1]]), list(rest[counts[1] :])
+        ctx.key, ctx.counts, ctx.autocast = key, counts, _autocast_dtype(x)
+        ctx.save_for_backward(x, *tensors)
+        outs = torch.ops.mst.linear_rows_forward(key, x, params, tokens, wholes, ctx.autocast)
+        differentiable = _site(key).differentiable
+        ctx.mark_non_differentiable(*(o for o, d in zip(outs, differentiable) if not d))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        refuse_double_backward()
+        x, *tensors = ctx.saved_tensors
+        params, rest = tensors[: ctx.counts[0]], tensors[ctx.counts[0] :]
+        tokens, wholes = rest[: ctx.counts[1]], rest[ctx.counts[1] :]
+        differentiable = _site(ctx.key).differentiable
+        # Outputs the loss doesn't read get zeros here (autograd materialises them).
+        kept = [g for g, d in zip(grad_outs, differentiable) if d]
+        grad_rows = torch.cat([g.float().reshape(x.shape[0], -1) for g in kept], -1)
+        needs = [ctx.needs_input_grad[2], *ctx.needs_input_grad[3 : 3 + ctx.counts[0]]]
+        grads = iter(
+            torch.ops.mst.linear_rows_backward(ctx.key, x, grad_rows, list(params), list(tokens), list(wholes), needs, ctx.autocast)
+        )
+        found = [next(grads) if need else None for need in needs]
+        return None, None, *found, *(None for _ in rest)
