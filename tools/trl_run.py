@@ -18,11 +18,16 @@ Modes (`--mode`):
                             trainer._get_per_token_logps_and_entropies, backend="mst")
                   DPO:  trainer._compute_loss = torch.compile(trainer._compute_loss, backend="mst")
                         (TRL >= 1.0's DPO has no separate log-prob method on its default path: the
-                        forward and selective_log_softmax_and_entropy are inline in _compute_loss;
-                        TRL >= 1.15 has _get_per_token_logps... neither; see --help of --mode)
+                        forward and selective_log_softmax(_and_entropy) are inline in _compute_loss.
+                        With TRL's default gradient_checkpointing=True this dies in a RecursionError
+                        (Dynamo misreads transformers' `_is_overridden`); use --gradient-checkpointing off)
                 generation is not compiled (it calls the model directly, not this method)
-    mst-model   torch.compile(model, backend="mst") passed to the trainer as its model
+    mst-model   torch.compile(model, backend="mst") passed to the trainer as its model (TRL >= 1.15
+                patches the forward with its fused LM head and calls the backbone directly: nothing compiles)
     mst-args    the trainer's own switch: GRPOConfig/DPOConfig(torch_compile=True, torch_compile_backend="mst")
+                (accelerate 1.15 rejects it: 'MST' is not a valid DynamoBackend)
+
+`--dump-graphs DIR` (mode mst) writes each graph Dynamo hands to mst as DIR/graph_<n>.py.
 
 `--compare` runs each of `--modes` (default plain,plain,mst) in its own process and prints, per
 optimizer step, every logged metric and the exact per-micro-batch loss, with the max abs difference of
@@ -153,6 +158,29 @@ class _LogRecorder(logging.Handler):
         self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
 
 
+def _dumping_mst_backend(folder: str):
+    """backend "mst", after writing each graph Dynamo hands it to FOLDER/graph_<n>.py (as mst receives it)."""
+    from mst_fx import mst_backend
+
+    os.makedirs(folder, exist_ok=True)
+    count = [0]
+
+    def backend(gm, example_inputs, **kw):
+        path = os.path.join(folder, f"graph_{count[0]}.py")
+        count[0] += 1
+        import torch
+
+        header = [f"# grad mode enabled: {torch.is_grad_enabled()}"]
+        for i, x in enumerate(example_inputs):
+            if isinstance(x, torch.Tensor):
+                header.append(f"# input {i}: {tuple(x.shape)} {x.dtype} requires_grad={x.requires_grad}")
+        with open(path, "w") as f:
+            f.write("\n".join(header) + "\n" + gm.print_readable(print_output=False, include_stride=False))
+        return mst_backend(gm, example_inputs, **kw)
+
+    return backend
+
+
 def run_once(args) -> dict:
     import torch
 
@@ -185,8 +213,13 @@ def run_once(args) -> dict:
     if args.mode == "mst-args":
         common.update(torch_compile=True, torch_compile_backend="mst")
 
+    mst = "mst"
+    if args.chunk_size:  # the tiny runs fit in one chunk under "auto": force chunking to exercise the rewrite
+        import mst_fx
+
+        mst = mst_fx.backend(chunk_size=args.chunk_size)
     if args.mode == "mst-model":
-        model = torch.compile(model, backend="mst")
+        model = torch.compile(model, backend=mst)
 
     if args.trainer == "grpo":
         from trl import GRPOConfig, GRPOTrainer
@@ -209,7 +242,8 @@ def run_once(args) -> dict:
 
     if args.mode == "mst":
         # the one-liner: the model forward and the log-probs in one compiled function
-        setattr(trainer, target, torch.compile(getattr(trainer, target), backend="mst"))
+        backend = mst if not args.dump_graphs else _dumping_mst_backend(args.dump_graphs)
+        setattr(trainer, target, torch.compile(getattr(trainer, target), backend=backend))
 
     # the exact loss of every micro-batch, as compute_loss returns it (the logged "loss" is rounded/averaged)
     exact_losses: list[float] = []
@@ -330,7 +364,8 @@ def compare(args) -> int:
                "--num-generations", str(args.num_generations), "--max-completion-length",
                str(args.max_completion_length), "--temperature", str(args.temperature), "--beta", str(args.beta),
                "--batch", str(args.batch), "--lr", str(args.lr), "--hidden", str(args.hidden),
-               "--layers", str(args.layers), "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
+               "--layers", str(args.layers), "--gradient-checkpointing", args.gradient_checkpointing,
+               "--chunk-size", str(args.chunk_size)]  # fmt: skip
         print(f"[compare] running {mode} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if not os.path.exists(out):
@@ -419,7 +454,8 @@ def compare(args) -> int:
     for n, r in zip(names, results, strict=True):
         print(f"  {n:12s} completions {'same' if r['completions'] == r0['completions'] else 'DIFFERENT'}"
               f" ({len(r['completions'])} reward calls), final weights {r['weights_sha256']}"
-              f" {'same' if r['weights_sha256'] == r0['weights_sha256'] else 'DIFFERENT'} ({weights_diff(r)}),"
+              f" {'same' if r['weights_sha256'] == r0['weights_sha256'] else 'DIFFERENT'} ({weights_diff(r)}"
+              f"{', run errored: weights as left' if r['error'] else ''}),"
               f" wall {r['wall_s']}s"
               + (f", dynamo {json.dumps(r['dynamo'])}" if r.get("dynamo") and r["mode"] != "plain" else ""))  # fmt: skip
     for n, r in zip(names, results, strict=True):
@@ -455,6 +491,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--gradient-checkpointing", choices=("trl-default", "on", "off"), default="trl-default",
                    help="TRL's configs default to gradient_checkpointing=True (HF non-reentrant checkpoint)")
+    p.add_argument("--chunk-size", type=int, default=0, help="mst modes: options chunk_size (0: 'auto')")
+    p.add_argument("--dump-graphs", metavar="DIR", help="mode mst: write each graph mst is handed to DIR")
     p.add_argument("--verbose", action="store_true", help="for --compare: show each run's stderr tail")
     args = p.parse_args(argv)
 
