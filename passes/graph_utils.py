@@ -259,6 +259,18 @@ def first_mutation_between(first: fx.Node, last: fx.Node, read: list) -> fx.Node
     return None
 
 
+def grad_enabled_at(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether gradients are on where `node` runs: the compile's grad mode, as the graph's own
+    `_set_grad_enabled` calls (Dynamo's `with torch.no_grad():` blocks) leave it."""
+    enabled = torch.is_grad_enabled()
+    for current in gm.graph.nodes:
+        if current.op == "call_function" and current.target is torch._C._set_grad_enabled:
+            enabled = bool(current.args[0])
+        if current is node:
+            break
+    return enabled
+
+
 def only_used_by(nodes, allowed) -> fx.Node | None:
     """The first user of any of `nodes` outside `nodes` and `allowed`, or None."""
     inside = set(nodes) | set(allowed)

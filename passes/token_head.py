@@ -45,8 +45,19 @@ from mst_fx.options import MstOptions
 
 from .adapters import adapter_form, adapter_weights, inside_adapted_linears, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
-from .graph_utils import CantChunk, Linear, erase_unused, example_value, first_mutation_between, module_path, shape_of, size_hint
+from .graph_utils import (
+    CantChunk,
+    Linear,
+    erase_unused,
+    example_value,
+    first_mutation_between,
+    grad_enabled_at,
+    module_path,
+    shape_of,
+    size_hint,
+)
 from .lm_head import _is_row_op, replay_row_op
+from .piece_loops import fuse_piece_loop
 from .report import SiteReport
 from .row_function import Frame, Layout, NotRowWise, is_reduction_of_vocab, is_row_wise_op, lift, op_name
 
@@ -114,6 +125,7 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
         row_ops.append(start)
     lead = tuple(size_hint(s) for s in shape_of(start)[:-1])
     frame = Frame(lead, _product(lead), size_hint(vocab))
+    _fuse_piece_loops(gm, start, frame)
     region = _region(gm, start, frame)
     outputs = _outputs(region)
     inputs = _external_inputs(region, frame)
@@ -135,6 +147,18 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     _check_placement(gm, site)
     plan_site(report, policy, is_symbolic(shape_of(start)[:-1]), example_value(head.out).device.type)
     return site
+
+
+def _fuse_piece_loops(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> None:
+    """Loops over sequences or row chunks of the logits (TRL's), fused into one op on all of them
+    (`piece_loops.py`): the graph computes the same, and the region sees row-wise ops only."""
+    fused = True
+    while fused:
+        fused = False
+        for node in _downstream(start):
+            if _is_logits(node, frame) and fuse_piece_loop(gm, node):
+                fused = True
+                break
 
 
 def _product(sizes) -> int:
@@ -232,7 +256,7 @@ def _check_placement(gm: fx.GraphModule, site: TokenHeadSite) -> None:
     if early and not _movable_inputs(gm, site):
         raise CantChunk(f"'{early[0].name}' reads a per-token value before '{anchor.name}', an input of the site, is ready")
     differentiable = any(getattr(example_value(o), "requires_grad", False) for o in site.outputs)
-    if differentiable and not _grad_enabled_after(gm, anchor):
+    if differentiable and not grad_enabled_at(gm, anchor):
         raise CantChunk("the site would run under no_grad but its outputs need gradients")
 
 
@@ -250,7 +274,7 @@ def _movable_inputs(gm: fx.GraphModule, site: TokenHeadSite) -> list[fx.Node] | 
             continue
         if node in downstream or node.op not in ("call_function", "call_method") or not _pure(node):
             return None
-        if _grad_enabled_after(gm, node) != _grad_enabled_after(gm, site.region[0]):
+        if grad_enabled_at(gm, node) != grad_enabled_at(gm, site.region[0]):
             return None
         found.add(node)
         todo.extend(node.all_input_nodes)
@@ -271,16 +295,6 @@ def _anchor(gm: fx.GraphModule, site: TokenHeadSite) -> fx.Node:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     candidates = [site.region[0], *(node for node, _ in site.inputs)]
     return max(candidates, key=order.__getitem__)
-
-
-def _grad_enabled_after(gm: fx.GraphModule, anchor: fx.Node) -> bool:
-    enabled = torch.is_grad_enabled()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-            enabled = bool(node.args[0])
-        if node is anchor:
-            return enabled
-    return enabled
 
 
 def _describe(output: fx.Node) -> str:

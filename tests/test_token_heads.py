@@ -326,3 +326,43 @@ def test_reference_log_probs_under_no_grad():
     torch.testing.assert_close(got, expected)
     (site,) = token_sites()
     assert site.rewritten and site.token_outputs == ["gather (gather)"], site
+
+
+@pytest.mark.parametrize("log_softmax_fn", [trl_selective_log_softmax, trl_row_log_softmax])
+def test_trl_loops_compiled_with_the_model_are_one_site(log_softmax_fn):
+    """TRL's loops over sequences and row chunks, compiled together with the model (Dynamo unrolls
+    them), are fused back into ops on all the logits and become one per-token site."""
+    torch.manual_seed(0)
+    assert_same_step(*run_both(grpo_outside(log_softmax_fn), TinyLM(), batch()))
+    (site,) = token_sites()
+    assert site.rewritten, site.reason
+    assert "(gather)" in " ".join(site.token_outputs) and "(sum)" in " ".join(site.token_outputs), site.token_outputs
+
+
+def trl_dpo_outside(model, ids, mask, advantages, old, ref, beta=0.1):
+    """DPO as TRL 1.14 writes it: log-probs from the logits, then metrics that read the logits under
+    a mask (`logits[mask].mean(-1)`) and their argmax."""
+    logits = model(ids)[..., :-1, :]
+    logps = (trl_selective_log_softmax(logits, ids[:, 1:]) * mask).sum(-1)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = (ref * mask).sum(-1).chunk(2)
+    loss = -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+    with torch.no_grad():
+        kept = mask.bool()
+        mean_logits = logits[kept].mean(-1).sum() / kept.sum()
+        accuracy = (logits.argmax(-1) == ids[:, 1:])[kept].float().mean()
+    return loss, mean_logits, accuracy
+
+
+def test_trl_dpo_metrics_on_deferred_logits(caplog):
+    torch.manual_seed(0)
+    model, inputs = TinyLM(), batch()
+    reference = copy.deepcopy(model)
+    expected = trl_dpo_outside(reference, *inputs)
+    expected[0].backward()
+    compiled = torch.compile(model, backend=mst_fx.backend(**OPTIONS))
+    with caplog.at_level(logging.WARNING, logger="mst_fx"):
+        got = trl_dpo_outside(compiled, *inputs)
+        got[0].backward()
+    assert_same_step((expected, reference), (got, model))
+    assert not [r for r in caplog.records if "computed them in full" in r.getMessage()]
