@@ -281,9 +281,12 @@ def _reshaped(func, deferred, rest, kwargs):
 
 
 def _indexed(func, deferred, rest, kwargs):
-    """`logits[:, :-1]`, `logits[..., 1:, :]`: ints and slices of the leading dims, V whole."""
+    """`logits[:, :-1]`, `logits[..., 1:, :]`: ints and slices of the leading dims, V whole; or a
+    boolean mask of the leading dims."""
     if func is not Tensor.__getitem__ or deferred.class_dim != -1:
         return NotImplemented
+    if _is_row_mask(rest[0], deferred):  # logits[mask]: the rows the mask selects (DPO's metrics)
+        return deferred.with_rows(deferred.rows[rest[0]])
     index = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
     if index.count(Ellipsis) > 1 or not all(isinstance(i, (int, slice)) or i is Ellipsis for i in index):
         return NotImplemented
@@ -293,6 +296,12 @@ def _indexed(func, deferred, rest, kwargs):
     if len(index) > deferred.dim() or (len(index) == deferred.dim() and index[-1] != slice(None)):
         return NotImplemented
     return deferred.with_rows(deferred.rows[index])
+
+
+def _is_row_mask(index, deferred) -> bool:
+    return (
+        type(index) is Tensor and index.dtype == torch.bool and tuple(index.shape) == tuple(deferred.shape[:-1])
+    )
 
 
 def _split(func, deferred, rest, kwargs):
