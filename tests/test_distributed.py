@@ -87,6 +87,11 @@ def ddp(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def ddp_logits(tmp_path_factory) -> list[dict]:
+    return _run_ranks("ddp_logits", tmp_path_factory.mktemp("ddp_logits"))
+
+
+@pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory) -> list[dict]:
     return _run_ranks("fsdp2", tmp_path_factory.mktemp("fsdp2"))
 
@@ -110,6 +115,18 @@ def test_ddp_small_buckets_warn_once_with_the_fix(ddp):
         # The pieces share one compile id; each is counted, so every cut site is in the totals.
         assert sorted(loc for kind, loc, _ in run["counted_sites"] if kind == "mlp") == cut, rank
         _assert_parity(run)  # left alone, still correct
+
+
+@needs_gloo
+def test_ddp_default_optimizer_on_a_model_returning_logits_trains_and_says_why(ddp_logits):
+    """DDP's graph optimizer compiles each piece of the split graph on fake tensors; a model that
+    returns its logits (HF, train mode) must still train, with parity, and the one WARNING naming
+    the fix for the MLPs the buckets cut."""
+    for rank, result in enumerate(ddp_logits):
+        run = result["default"]
+        warnings = [message for level, message in run["logs"] if level == "WARNING"]
+        assert any(DDP_FIX in w for w in warnings), (rank, warnings)
+        _assert_parity(run)
 
 
 # Per step, forward and backward: both MLPs chunked, and the LM head (gradients in its forward).
