@@ -126,6 +126,9 @@ def test_ddp_default_optimizer_on_a_model_returning_logits_trains_and_says_why(d
         run = result["default"]
         warnings = [message for level, message in run["logs"] if level == "WARNING"]
         assert any(DDP_FIX in w for w in warnings), (rank, warnings)
+        # The last piece holds the head and its loss: rewritten there, its logits dropped.
+        assert ("lm_head", "lm_head") in _rewritten(run), (rank, _rewritten(run))
+        assert run["op_calls"].get("mst::linear_cross_entropy") == 1, (rank, run["op_calls"])
         _assert_parity(run)
 
 
