@@ -146,7 +146,10 @@ def _handle(func, args, kwargs):
             return func(*args, **kwargs)
     first = args[0] if args else None
     if isinstance(first, DeferredLogits):
-        rules = (_cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook, _row_wise, _combined, _per_token)
+        rules = (
+            _cross_entropy, _reshaped, _indexed, _split, _class_dim_moved, _elementwise, _hook, _detached, _row_wise,
+            _combined, _per_token,
+        )  # fmt: skip
         for rule in rules:
             result = rule(func, first, args[1:], kwargs)
             if result is not NotImplemented:
@@ -345,6 +348,14 @@ def _elementwise(func, deferred, rest, kwargs):
         return NotImplemented
     head = deferred.head.then(func, tuple(rest), dict(kwargs), out.dtype)
     return DeferredLogits(deferred.rows, head, deferred.class_dim)
+
+
+def _detached(func, deferred, rest, kwargs):
+    """`logits.detach()` (metrics read off the logits): the same logits of detached rows and weights."""
+    if func not in (Tensor.detach, torch.detach) or rest or kwargs:
+        return NotImplemented
+    params = tuple(None if p is None else p.detach() for p in deferred.head.params)
+    return DeferredLogits(deferred.rows.detach(), dataclasses.replace(deferred.head, params=params), deferred.class_dim)
 
 
 def _row_wise(func, deferred, rest, kwargs):

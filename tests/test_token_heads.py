@@ -349,7 +349,7 @@ def trl_dpo_outside(model, ids, mask, advantages, old, ref, beta=0.1):
     loss = -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
     with torch.no_grad():
         kept = mask.bool()
-        mean_logits = logits[kept].mean(-1).sum() / kept.sum()
+        mean_logits = logits.detach()[kept].mean(-1).sum() / kept.sum()
         accuracy = (logits.argmax(-1) == ids[:, 1:])[kept].float().mean()
     return loss, mean_logits, accuracy
 

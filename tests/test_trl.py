@@ -1,6 +1,6 @@
-"""A real TRL GRPO trainer (TRL 1.14: log-probs and entropy from the model's full logits) run for a
-few steps with the model compiled by mst: the same losses, rewards, KL, entropy and gradient norms
-as without mst, and the head rewritten, its logits deferred, never computed in full.
+"""Real TRL trainers (TRL 1.14: log-probs and entropy from the model's full logits), GRPO and DPO, run
+for a few steps with the model compiled by mst: the same losses and logged metrics as without mst,
+and the head rewritten, its logits deferred, never computed in full.
 
 tools/trl_run.py builds everything in code (a tiny Llama, a word-level tokenizer, an in-memory data
 set, a reward in Python): nothing is downloaded. TRL >= 1.15 computes log-probs with its own chunked
@@ -22,9 +22,9 @@ TRL_RUN = os.path.join(os.path.dirname(__file__), "..", "tools", "trl_run.py")
 TIMING = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 
 
-def run(mode: str, tmp_path) -> dict:
-    out = tmp_path / f"{mode}.json"
-    command = [sys.executable, TRL_RUN, "--trainer", "grpo", "--steps", "3", "--mode", mode, "--json-out", str(out),
+def run(trainer: str, mode: str, tmp_path) -> dict:
+    out = tmp_path / f"{trainer}-{mode}.json"
+    command = [sys.executable, TRL_RUN, "--trainer", trainer, "--steps", "3", "--mode", mode, "--json-out", str(out),
                "--chunk-size", "16"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert out.exists(), done.stderr[-3000:]
@@ -34,8 +34,11 @@ def run(mode: str, tmp_path) -> dict:
 
 
 @pytest.mark.skipif(not trl.__version__.startswith("1.14."), reason="TRL >= 1.15 replaces the head with its own kernel")
-def test_grpo_trainer_with_mst_logs_what_it_logs_without(tmp_path):
-    plain, mst = run("plain", tmp_path), run("mst-model", tmp_path)
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+def test_trainer_with_mst_logs_what_it_logs_without(trainer, tmp_path):
+    """GRPO: log-probs, a reference model's, entropy. DPO: chosen and rejected log-probs, and metrics
+    read off the (detached, masked) logits and their argmax."""
+    plain, mst = run(trainer, "plain", tmp_path), run(trainer, "mst-model", tmp_path)
     assert mst["completions"] == plain["completions"]  # generation is the same
     assert mst["exact_losses"] == pytest.approx(plain["exact_losses"], rel=1e-5, abs=1e-7)
     assert len(mst["logs"]) == len(plain["logs"]) == 4  # 3 steps, then the summary
