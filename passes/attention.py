@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torch import fx
 from mst_fx.causal_attention import causal_attention
 
 from .checkpoint_bodies import CHECKPOINT
-from .graph_utils import CantChunk, example_value, qualified_module_path, shape_of, size_hint
+from .graph_utils import CantChunk, example_value, qualified_module_path, shape_of, size_hint, without_wrappers
 from .mask_reading import CausalMask, mask_root, read_mask
 from .report import SiteReport
 
@@ -145,7 +146,10 @@ def _location(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     for prefix in ("L['self'].", "L['args'][0].", "self."):
         path = path.removeprefix(prefix)
-    return qualified_module_path(node.graph, path.replace("[", ".").replace("]", "").replace("'", ""))
+    # A module the traced function takes as an argument: named by it, as its parameters are.
+    path = re.sub(r"^L\['(\w+)'\]\.", r"\1.", path)
+    path = without_wrappers(path.replace("[", ".").replace("]", "").replace("'", ""))
+    return qualified_module_path(node.graph, path)
 
 
 # ------------------------------------------------------------------------ the rewrite

@@ -301,6 +301,9 @@ _PATH_SEPARATOR = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
 # While the passes run on one Dynamo graph: its parameter placeholders' names in the module the user
 # compiled, keyed by placeholder name in lower case (see `names_in_compiled_module`).
 _compiled_names: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mst_compiled_names", default={})
+# The same, for weights shared by an embedding and another module (a tied LM head): placeholder ->
+# (the other module's path, the embedding's path).
+_tied_heads: contextvars.ContextVar[dict[str, tuple[str, str]]] = contextvars.ContextVar("mst_tied_heads", default={})
 
 
 def parameter_path(node) -> str:
@@ -311,14 +314,28 @@ def parameter_path(node) -> str:
         return "?"
     if node.op == "get_attr":
         return str(node.target)
-    return _compiled_names.get().get(str(node.target).lower()) or _path_in_frame(node)
+    name = _compiled_names.get().get(str(node.target).lower())
+    return without_wrappers(name) if name else _path_in_frame(node)
 
 
 def _path_in_frame(node: fx.Node) -> str:
     # Outer graphs name it `L_self_modules_..._weight_` (`L_args_0_modules_...` when the traced frame
     # is a decorator's wrapper, whose first argument is the module), checkpoint bodies `l_self_...`.
+    # A module reached through `__dict__` (PEFT's `__getattr__`) adds `dict_`: `base_model_dict_modules_model`.
     name = re.sub(r"^[Ll]_(self_|args_0_)?", "", str(node.target)).rstrip("_")
-    return ".".join(p for p in _PATH_SEPARATOR.split(name) if p) or name
+    name = _THROUGH_DICT.sub("", name)
+    return without_wrappers(".".join(p for p in _PATH_SEPARATOR.split(name) if p) or name)
+
+
+_THROUGH_DICT = re.compile(r"(?:^|(?<!modules)(?<!parameters)(?<!buffers)_)dict(?=_(?:modules|parameters|buffers)_)")
+# Modules that wrap the user's module under a name of their own: torch.distributed's checkpoint
+# wrapper, torch.compile's and FSDP1's. Users name the module inside by the wrapper's own path.
+_WRAPPERS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}
+
+
+def without_wrappers(path: str) -> str:
+    """`layers.0._checkpoint_wrapped_module.feed_forward` -> `layers.0.feed_forward`."""
+    return ".".join(p for p in path.split(".") if p not in _WRAPPERS and "_" + p not in _WRAPPERS)
 
 
 def module_path(*weights) -> str:
@@ -326,6 +343,13 @@ def module_path(*weights) -> str:
     drop = 1 if len(weights) == 1 else 2  # "lm_head.weight" -> lm_head; "mlp.up.weight" -> mlp
     owners = [parameter_path(w).split(".")[:-drop] for w in weights]
     return ".".join(os.path.commonprefix(owners)) or "<graph>"
+
+
+def head_path(weight) -> str:
+    """An LM head's module. A head tied to an embedding reads `lm_head (tied to model.embed_tokens)`:
+    Dynamo names a tied weight once, after its first use, which is the embedding's."""
+    tied = _tied_heads.get().get(str(getattr(weight, "target", "")).lower())
+    return f"{tied[0]} (tied to {tied[1]})" if tied else module_path(weight)
 
 
 def qualified_module_path(graph: fx.Graph, frame_path: str) -> str:
@@ -356,31 +380,48 @@ def names_in_compiled_module(gm: fx.GraphModule, example_inputs):
     Python stack while Dynamo compiles). A name is only taken when it agrees with Dynamo's (one ends
     with the other), so a lookup can add a prefix or drop a wrapper's, never rename a parameter.
     """
-    token = _compiled_names.set(_names_by_placeholder(gm, example_inputs))
+    names, tied = _names_by_placeholder(gm, example_inputs)
+    token, tied_token = _compiled_names.set(names), _tied_heads.set(tied)
     try:
         yield
     finally:
         _compiled_names.reset(token)
+        _tied_heads.reset(tied_token)
 
 
-def _names_by_placeholder(gm: fx.GraphModule, example_inputs) -> dict[str, str]:
+def _names_by_placeholder(gm: fx.GraphModule, example_inputs) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     root = _outermost_module_on_stack()
     if root is None:
-        return {}
+        return {}, {}
     names: dict[int, list[str]] = {}
     for name, param in root.named_parameters(remove_duplicate=False):  # tied weights: every name
         names.setdefault(id(param), []).append(name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = {}
+    found, tied = {}, {}
     for node, value in zip(placeholders, example_inputs):
         if not isinstance(value, torch.Tensor):
             continue
         in_frame = _path_in_frame(node)
-        agreeing = [n for n in names.get(id(value), ()) if _agree(n, in_frame)]
+        agreeing = [n for n in names.get(id(value), ()) if _agree(without_wrappers(n), in_frame)]
         if agreeing:
             # A checkpoint body names the same parameter with the outer name in lower case.
             found[str(node.target).lower()] = agreeing[0]
-    return found
+            pair = _head_and_embedding(root, names[id(value)])
+            if pair is not None:
+                tied[str(node.target).lower()] = pair
+    return found, tied
+
+
+def _head_and_embedding(root: torch.nn.Module, names: list[str]) -> tuple[str, str] | None:
+    """(the other module, the embedding) for a weight an embedding shares with one other module."""
+    owners = [name.rpartition(".")[0] for name in names]
+    if len(owners) != 2:
+        return None
+    embedding = [isinstance(root.get_submodule(o), torch.nn.Embedding) for o in owners]
+    if embedding.count(True) != 1:
+        return None
+    other, embed = (owners[1], owners[0]) if embedding[0] else (owners[0], owners[1])
+    return without_wrappers(other), without_wrappers(embed)
 
 
 def _agree(name: str, in_frame: str) -> bool:

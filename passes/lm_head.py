@@ -50,7 +50,7 @@ from .graph_utils import (
     first_mutation_between,
     is_call,
     is_elementwise_of,
-    module_path,
+    head_path,
     numel_hint,
     shape_of,
     size_hint,
@@ -94,7 +94,7 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
                 _refuse_if_estimated_to_cost(site.report)
         except CantChunk as why:
             head = _find_head(loss)
-            location = module_path(head.weight) if head else _node_of(loss).name
+            location = head_path(head.weight) if head else _node_of(loss).name
             skipped.append(SiteReport("lm_head", location, False, str(why)))
             continue
         sites.append(site)
@@ -218,7 +218,7 @@ def _match_lm_head(match: LossMatch, training: bool, returned_logits: str) -> LM
         raise CantChunk("the logits are a graph output and the model is in eval mode (logits are dropped in train mode only)")
     x_shape, logits = shape_of(head.input), example_value(head.out)
     report = SiteReport(
-        "lm_head", module_path(head.weight), True,
+        "lm_head", head_path(head.weight), True,
         tokens=numel_hint(shape_of(target)), in_width=size_hint(x_shape[-1]),
         amplified_width=size_hint(logits.shape[-1]), itemsize=logits.element_size(),
         logits_returned=bool(logits_outputs),

@@ -52,6 +52,7 @@ from .graph_utils import (
     is_inactive_dropout,
     lift_chain,
     match_linear,
+    head_path,
     module_path,
     numel_hint,
     only_used_by,
@@ -167,7 +168,7 @@ def _unread_losses(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport
                 "other per-token uses, such as an entropy or per-token log-probs kept unreduced, need a per-token "
                 "rewrite)"
             )
-            reports.append(SiteReport("lm_head", module_path(first.weight), False, reason))
+            reports.append(SiteReport("lm_head", head_path(first.weight), False, reason))
     return reports
 
 

@@ -37,7 +37,7 @@ from mst_fx.options import MstOptions
 
 from .adapters import adapter_form, adapter_weights, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
-from .graph_utils import CantChunk, Linear, erase_unused, example_value, is_call, module_path, numel_hint, shape_of, size_hint
+from .graph_utils import CantChunk, Linear, erase_unused, example_value, head_path, is_call, numel_hint, shape_of, size_hint
 from .loss_forms import CASTS
 from .lm_head import is_dead_pure, lift_transform, replay_row_op, walk_to_head
 from .report import SiteReport
@@ -70,7 +70,7 @@ def find_returned_heads(gm: fx.GraphModule, policy: ChunkPolicy, returned_logits
             continue  # not logits: the MLP pass reports a widening linear that leaves otherwise
         if not _is_head(head, transform):
             continue
-        report = SiteReport("lm_head", module_path(head.weight), True, logits_returned=False, loss_outside=True)
+        report = SiteReport("lm_head", head_path(head.weight), True, logits_returned=False, loss_outside=True)
         try:
             refuse_random_adapter(head)
             _check_only_returned([*head.nodes, *row_ops, *transform])

@@ -52,7 +52,7 @@ from .graph_utils import (
     example_value,
     first_mutation_between,
     grad_enabled_at,
-    module_path,
+    head_path,
     shape_of,
     size_hint,
 )
@@ -90,7 +90,7 @@ def find_token_head_sites(gm: fx.GraphModule, policy: ChunkPolicy):
         try:
             site = _match(gm, head, policy)
         except CantChunk as why:
-            skipped.append(SiteReport(KIND, module_path(head.weight), False, str(why)))
+            skipped.append(SiteReport(KIND, head_path(head.weight), False, str(why)))
             left_alone.update(head.nodes)
             continue
         sites.append(site)
@@ -132,7 +132,7 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     _check_inputs(inputs)
     _check_no_mutation(head, region)
     report = SiteReport(
-        KIND, module_path(head.weight), True, tokens=frame.tokens, in_width=size_hint(shape_of(head.input)[-1]),
+        KIND, head_path(head.weight), True, tokens=frame.tokens, in_width=size_hint(shape_of(head.input)[-1]),
         amplified_width=frame.vocab, itemsize=example_value(head.out).element_size(),
         token_outputs=[_describe(o) for o in outputs],
     )  # fmt: skip
