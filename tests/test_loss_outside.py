@@ -231,3 +231,47 @@ def test_per_token_losses_summed_are_one_reduced_loss():
     assert "LinearCrossEntropy" in type(joined.sum().grad_fn).__name__
     assert joined._values is None
     assert type(joined * 2.0) is torch.Tensor and joined._values is not None
+
+
+def _around_compiled_model(how: str):
+    """A loss computed outside a compiled model that something else wraps or transforms."""
+
+    def step(m, ids, labels):
+        compiled = torch.compile(m, backend=mst_fx.backend(**OPTIONS))
+        if how == "checkpoint":  # activation checkpointing around the whole model
+            return shifted_ce(checkpoint(compiled, ids, use_reentrant=False), labels)
+        params = dict(m.named_parameters())
+        return shifted_ce(torch.func.functional_call(compiled, params, (ids,)), labels)
+
+    return step
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "functional_call"])
+def test_deferred_logits_under_wrappers_of_the_model(how):
+    reference, trained = model(), model()
+    ids, labels = batch()
+    expected = shifted_ce(reference(ids), labels)
+    expected.backward()
+    got = _around_compiled_model(how)(trained, ids, labels)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_head_deferred()
+
+
+def test_torch_func_grad_through_the_compiled_model():
+    """Under torch.func's transforms Dynamo skips the model's frame and runs it eagerly (its graph
+    break, not mst's): training stays exact, and no graph reaches mst to rewrite or report."""
+    reference, trained = model(), model()
+    ids, labels = batch()
+    expected = shifted_ce(reference(ids), labels)
+    expected.backward()
+    compiled = torch.compile(trained, backend=mst_fx.backend(**OPTIONS))
+    params = {k: v.detach() for k, v in trained.named_parameters()}
+    loss_of = lambda p: shifted_ce(torch.func.functional_call(compiled, p, (ids,)), labels)  # noqa: E731
+    grads, loss = torch.func.grad_and_value(loss_of)(params)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for name, q in reference.named_parameters():
+        torch.testing.assert_close(grads[name], q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not mst_fx.compiled_reports()
