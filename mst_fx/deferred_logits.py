@@ -387,14 +387,16 @@ def _per_token(func, deferred, rest, kwargs):
 
 def _hook(func, deferred, rest, kwargs):
     """A backward hook (Lightning Fabric registers one on every output to check that
-    `fabric.backward` is used) goes on the rows: it runs when their gradient is computed, with that
-    gradient (N x d), since the logits' own never exists. It may observe, not replace it."""
+    `fabric.backward` is used; FSDP2 one that unshards the root's parameters for backward) goes on
+    the rows: it runs when their gradient is computed, with that gradient (N x d), since the logits'
+    own never exists. It may observe it, or return it as it is (FSDP2's), not replace it."""
     if func is not Tensor.register_hook:
         return NotImplemented
     (hook,) = rest
 
     def observe(grad):
-        if hook(grad) is not None:
+        returned = hook(grad)
+        if returned is not None and returned is not grad:
             raise RuntimeError("mst: a hook on deferred logits may not replace the gradient (it sees the rows')")
 
     return deferred.rows.register_hook(observe)

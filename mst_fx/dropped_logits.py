@@ -24,7 +24,7 @@ READABLE = {
     Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
     Tensor.ndim.__get__, Tensor.layout.__get__, Tensor.is_leaf.__get__, Tensor.grad_fn.__get__,
     Tensor.size, Tensor.dim, Tensor.numel, Tensor.__repr__, Tensor.__format__, Tensor.__len__,
-    Tensor.is_floating_point, Tensor.element_size,
+    Tensor.is_floating_point, Tensor.element_size, Tensor._base.__get__, Tensor._is_view,
 }  # fmt: skip
 
 

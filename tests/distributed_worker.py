@@ -132,7 +132,30 @@ def _fsdp2(rank: int, world: int, records: _Records) -> dict:
         result.update(_reference(build, step, rank, world), logs=list(records.records))
         return result
 
-    return {"cache": phase(), "no_cache": phase(use_cache=False)}
+    def outside(model, ids, labels):  # the loss computed outside the model, on its returned logits
+        logits = model(ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    return {"cache": phase(), "no_cache": phase(use_cache=False), "loss_outside": phase_with(build, outside, records)}
+
+
+def phase_with(build, step, records: _Records) -> dict:
+    """FSDP2 on each decoder layer and the root, compiled, one step of `step` against eager."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch._dynamo.reset()
+    mst_fx.clear_reports()
+    records.records.clear()
+    model = build()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    compiled = torch.compile(model, backend=mst_fx.backend(**OPTIONS))
+    result = _compiled_step(compiled, model, step, _batch(rank))
+    result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}
+    result.update(_reference(build, step, rank, world), logs=list(records.records))
+    return result
 
 
 def _batch(rank: int):

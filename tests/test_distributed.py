@@ -178,6 +178,20 @@ def test_fsdp2_without_cache_runs_every_layer_chunked_with_parity(fsdp2):
         _assert_parity(run)
 
 
+@needs_gloo
+def test_fsdp2_with_the_loss_outside_the_model(fsdp2):
+    """The root's graph returns the head's rows and its all-gathered weight in place of the logits;
+    the loss computed afterwards must still see that weight whole (FSDP2 reshards after forward)."""
+    for rank, result in enumerate(fsdp2):
+        run = result["loss_outside"]
+        _assert_parity(run)
+        heads = [(s["kind"], s["location"], s["rewritten"], s["loss_outside"]) for s in _sites(run) if s["kind"] == "lm_head"]
+        assert heads == [("lm_head", "lm_head", True, True)], (rank, heads)
+        assert run["op_calls"].get("mst::linear_cross_entropy") == 1, (rank, run["op_calls"])
+        # FSDP2 reads `_base` and hooks the output for its pre-backward unshard: neither computes the logits.
+        assert not [m for level, m in run["logs"] if level == "WARNING"], (rank, run["logs"])
+
+
 def test_per_block_compile_names_each_block_and_counts_each_graph():
     """What FSDP2 does to the frames, without processes: each block compiled on its own (torchtitan's
     way). Dynamo compiles the second and third blocks as recompiles of the first's frame (it guards
