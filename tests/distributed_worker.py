@@ -58,7 +58,6 @@ def _ddp(rank: int, world: int, records: _Records) -> dict:
     """DDP with 1 MiB buckets (DDP's smallest: Dynamo's DDPOptimizer refuses a cap under its 1 MiB
     first bucket) and 1 MiB weights, so that every bucket boundary falls inside an MLP: first with
     Dynamo's default `optimize_ddp`, then with the line the warning names."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     def build():
         torch.manual_seed(0)
@@ -67,19 +66,24 @@ def _ddp(rank: int, world: int, records: _Records) -> dict:
     def step(model, ids, labels):
         return model(ids, labels)
 
-    def phase():
-        torch._dynamo.reset()
-        mst_fx.clear_reports()
-        records.records.clear()
-        model = build()
-        compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend=mst_fx.backend(**OPTIONS))
-        result = _compiled_step(compiled, model, step, _batch(rank))
-        result.update(_reference(build, step, rank, world), logs=list(records.records))
-        return result
-
-    default = phase()
+    default = _ddp_phase(build, step, records)
     torch._dynamo.config.optimize_ddp = False
-    return {"default": default, "optimize_ddp_false": phase()}
+    return {"default": default, "optimize_ddp_false": _ddp_phase(build, step, records)}
+
+
+def _ddp_phase(build, step, records: _Records) -> dict:
+    """DDP with 1 MiB buckets around the model, compiled, one step of `step` against eager."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch._dynamo.reset()
+    mst_fx.clear_reports()
+    records.records.clear()
+    model = build()
+    compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend=mst_fx.backend(**OPTIONS))
+    result = _compiled_step(compiled, model, step, _batch(rank))
+    result.update(_reference(build, step, rank, world), logs=list(records.records))
+    return result
 
 
 def _ddp_logits(rank: int, world: int, records: _Records) -> dict:
@@ -87,7 +91,6 @@ def _ddp_logits(rank: int, world: int, records: _Records) -> dict:
     under DDP with Dynamo's default graph optimizer and 1 MiB buckets. The optimizer runs each piece
     of the split graph on fake tensors while it compiles them: what mst puts in place of dropped or
     deferred logits must hold there too."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     def build():
         torch.manual_seed(0)
@@ -96,14 +99,7 @@ def _ddp_logits(rank: int, world: int, records: _Records) -> dict:
     def step(model, ids, labels):
         return model(ids, labels=labels, use_cache=False).loss
 
-    torch._dynamo.reset()
-    mst_fx.clear_reports()
-    records.records.clear()
-    model = build()
-    compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend=mst_fx.backend(**OPTIONS))
-    result = _compiled_step(compiled, model, step, _batch(rank))
-    result.update(_reference(build, step, rank, world), logs=list(records.records))
-    return {"default": result}
+    return {"default": _ddp_phase(build, step, records)}
 
 
 def _fsdp2(rank: int, world: int, records: _Records) -> dict:
@@ -119,27 +115,16 @@ def _fsdp2(rank: int, world: int, records: _Records) -> dict:
         def step(model, ids, labels):
             return model(ids, labels=labels, **call_kwargs).loss
 
-        torch._dynamo.reset()
-        mst_fx.clear_reports()
-        records.records.clear()
-        model = build()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        compiled = torch.compile(model, backend=mst_fx.backend(**OPTIONS))
-        result = _compiled_step(compiled, model, step, _batch(rank))
-        result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}  # DTensor shards
-        result.update(_reference(build, step, rank, world), logs=list(records.records))
-        return result
+        return _fsdp2_phase(build, step, records)
 
     def outside(model, ids, labels):  # the loss computed outside the model, on its returned logits
         logits = model(ids, use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
-    return {"cache": phase(), "no_cache": phase(use_cache=False), "loss_outside": phase_with(build, outside, records)}
+    return {"cache": phase(), "no_cache": phase(use_cache=False), "loss_outside": _fsdp2_phase(build, outside, records)}
 
 
-def phase_with(build, step, records: _Records) -> dict:
+def _fsdp2_phase(build, step, records: _Records) -> dict:
     """FSDP2 on each decoder layer and the root, compiled, one step of `step` against eager."""
     from torch.distributed.fsdp import fully_shard
 
@@ -153,7 +138,7 @@ def phase_with(build, step, records: _Records) -> dict:
     fully_shard(model)
     compiled = torch.compile(model, backend=mst_fx.backend(**OPTIONS))
     result = _compiled_step(compiled, model, step, _batch(rank))
-    result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}
+    result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}  # DTensor shards
     result.update(_reference(build, step, rank, world), logs=list(records.records))
     return result
 
