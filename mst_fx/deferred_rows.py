@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from mst_fx.chunk_bodies import autocast
 from mst_fx.chunked_token_ops import ChunkedLinearRows
 
 _NORMALIZERS = {torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax, F.softmax, F.log_softmax}
@@ -135,8 +136,6 @@ def _reduce(deferred, func, index: Tensor | None, options: dict) -> Tensor:
             form, row_function, (differentiable,), token_specs, (), ("model",), (deferred.rows.shape[-1], head.vocab), head.options
         )  # fmt: skip
     params = list(head.params)
-    from mst_fx.chunk_bodies import autocast
-
     with autocast(deferred.rows.device.type, head.autocast_dtype):
         (out,) = _SITES[key](deferred.rows, params, [] if index is None else [index], [])
     return out

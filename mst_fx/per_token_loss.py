@@ -2,16 +2,11 @@
 
 When the loss keeps one value per token, its upstream gradient is one number per token, known only
 in backward, so the gradients can't be computed in forward as for a reduced loss
-(`chunked_ops.linear_cross_entropy`). Here the forward computes each chunk's logits and losses under
-no_grad and keeps nothing but its inputs; the backward recomputes one chunk at a time and
-differentiates it (the MLP rewrite's scheme: one more logits matmul per chunk).
-
-    forward    for c in chunks:  loss[c] = CE(transform(x[c] W^T + b), target[c])      (no graph)
-    backward   for c in chunks:  dx[c], dW_c, db_c = grad of the same, weighted by grad_loss[c]
-               dW += dW_c (fp32)
-
-Only one chunk's c x V logits exist at a time. Used eagerly, where the logits a compiled model
-deferred (`deferred_logits.py`) meet `cross_entropy(..., reduction="none")`.
+(`chunked_ops.linear_cross_entropy`). It runs as a per-token site (`chunked_token_ops.py`): the
+forward computes each chunk's logits and losses and keeps nothing but the rows; the backward
+recomputes one chunk at a time (the MLP rewrite's scheme: one more logits matmul per chunk). Only
+one chunk's c x V logits exist at a time. Used eagerly, where the logits a compiled model deferred
+(`deferred_logits.py`) meet `cross_entropy(..., reduction="none")`.
 
 Those losses come back as `DeferredTokenLosses` first: litgpt's chunked loss asks for them on each
 split of the logits, concatenates them and sums. Summed, they are one reduced loss after all, whose
@@ -25,70 +20,44 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx
 
-from mst_fx.chunk_bodies import plain_linear
-from mst_fx.chunked_ops import CrossEntropyForm, head_logits, refuse_double_backward
+from mst_fx.chunked_ops import CrossEntropyForm
+from mst_fx.chunked_token_ops import ChunkedLinearRows
 from mst_fx.dropped_logits import READABLE
 from mst_fx.options import MstOptions
 
 log = logging.getLogger(__name__)
 
+_SITES: dict[tuple, ChunkedLinearRows] = {}
+
 
 def per_token_cross_entropy(
-    rows: Tensor, params: list[Tensor | None], target: Tensor, form: CrossEntropyForm, transform: nn.Module,
+    rows: Tensor, params: list[Tensor | None], target: Tensor, form: CrossEntropyForm, transform: fx.GraphModule,
     options: MstOptions,
 ) -> Tensor:  # fmt: skip
     """(tokens,) cross-entropy losses of `rows` (tokens, d) through the head, as F.cross_entropy
     with reduction="none" gives them (0 at ignored targets). `params`: the head's weight and bias,
     then its adapter's A and B (None when it has none), as `chunked_ops.head_logits` reads them."""
     vocab = params[0].shape[1 if form.transposed else 0]
-    chunks = options.policy.chunks(rows.shape[0], rows.shape[-1], vocab, rows.device.type)
-
-    def losses(x_c, t_c, *params):
-        z = transform(head_logits(plain_linear(params), x_c, params, form))
-        return F.cross_entropy(z, t_c, ignore_index=form.ignore_index, reduction="none", label_smoothing=form.label_smoothing)
-
-    return _PerTokenFunction.apply(losses, chunks, rows, target, *params)
-
-
-class _PerTokenFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, losses, chunks, rows, target, *params):
-        ctx.losses, ctx.chunks = losses, chunks
-        ctx.autocast = _autocast_state(rows.device.type)
-        ctx.save_for_backward(rows, target, *params)
-        parts = [losses(rows.narrow(0, s, n), target.narrow(0, s, n), *params) for s, n in chunks]
-        return torch.cat(parts) if parts else rows.new_zeros((0,))
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        refuse_double_backward()
-        rows, target, *params = ctx.saved_tensors
-        needs_rows, needs = ctx.needs_input_grad[2], ctx.needs_input_grad[4:]
-        grad_rows = torch.empty_like(rows) if needs_rows else None
-        leaves = [None if p is None else p.detach().requires_grad_(need) for p, need in zip(params, needs)]
-        sums = [None] * len(params)  # fp32 sums of each param's gradient over chunks
-        for s, n in ctx.chunks:
-            x_c = rows.narrow(0, s, n).detach().requires_grad_(needs_rows)
-            with torch.enable_grad(), torch.autocast(rows.device.type, **ctx.autocast):
-                out = ctx.losses(x_c, target.narrow(0, s, n), *leaves)
-            wanted = [t for t, need in zip((x_c, *leaves), (needs_rows, *needs)) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad_losses.narrow(0, s, n), allow_unused=True))
-            if needs_rows:
-                grad_rows.narrow(0, s, n).copy_(next(grads))
-            for i, need in enumerate(needs):
-                if need:
-                    g = next(grads).float()
-                    sums[i] = g if sums[i] is None else sums[i].add_(g)
-        grads = [None if g is None else g.to(p.dtype) for g, p in zip(sums, params)]
-        return None, None, grad_rows, None, *grads
+    key = (form, transform.code, rows.shape[-1], vocab, options)
+    if key not in _SITES:  # one site per description, reused every step
+        row_function = _cross_entropy_of_rows(transform, form)
+        widths = (rows.shape[-1], vocab)
+        _SITES[key] = ChunkedLinearRows(form, row_function, (True,), (("model", ()),), (), ("model",), widths, options)
+    (losses,) = _SITES[key](rows, list(params), [target], [])
+    return losses
 
 
-def _autocast_state(device_type: str) -> dict:
-    """The forward's autocast state, re-entered for the recompute (as torch.utils.checkpoint does)."""
-    enabled = torch.is_autocast_enabled(device_type)
-    return {"enabled": enabled, "dtype": torch.get_autocast_dtype(device_type)}
+def _cross_entropy_of_rows(transform: fx.GraphModule, form: CrossEntropyForm) -> fx.GraphModule:
+    """(logits rows, target) -> (cross_entropy(transform(logits), target, reduction="none"),)."""
+    graph = fx.Graph()
+    logits, target = graph.placeholder("logits"), graph.placeholder("target")
+    source = next(n for n in transform.graph.nodes if n.op == "placeholder")
+    z = graph.graph_copy(transform.graph, {source: logits})
+    options = {"ignore_index": form.ignore_index, "reduction": "none", "label_smoothing": form.label_smoothing}
+    graph.output((graph.call_function(F.cross_entropy, (z, target), options),))
+    return fx.GraphModule(torch.nn.Module(), graph, "RowFunction")
 
 
 class DeferredTokenLosses(Tensor):

@@ -137,7 +137,7 @@ def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]
     while (head := match_any_linear(node)) is None:
         if node.op == "placeholder":
             raise CantChunk("the logits come from outside this graph (a graph break before the loss)")
-        if _is_row_op(node, vocab):
+        if is_row_op(node, vocab):
             row_ops.append(node)
         elif is_elementwise_of(node, shape_of(node)) and single_tensor_input(node) is not None:
             transform.append(node)
@@ -149,7 +149,7 @@ def walk_to_head(logits: fx.Node) -> tuple[Linear, list[fx.Node], list[fx.Node]]
     return head, row_ops[::-1], transform[::-1]
 
 
-def _is_row_op(node, vocab) -> bool:
+def is_row_op(node, vocab) -> bool:
     """A reshape of leading dims, or a slice of them, that keeps each row of V logits whole."""
     shape = shape_of(node)
     if example_value(node.args[0] if node.args else None) is None or not shape or shape[-1] != vocab:

@@ -33,6 +33,7 @@ is left alone and reported with that op.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -56,7 +57,7 @@ from .graph_utils import (
     shape_of,
     size_hint,
 )
-from .lm_head import _is_row_op, replay_row_op
+from .lm_head import is_row_op, replay_row_op
 from .piece_loops import fuse_piece_loop
 from .report import SiteReport
 from .row_function import Frame, Layout, NotRowWise, is_reduction_of_vocab, is_row_wise_op, lift, op_name
@@ -120,11 +121,11 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     refuse_random_adapter(head)
     vocab = shape_of(head.out)[-1]
     row_ops, start = [], head.out
-    while len(start.users) == 1 and _is_row_op(next(iter(start.users)), vocab):
+    while len(start.users) == 1 and is_row_op(next(iter(start.users)), vocab):
         start = next(iter(start.users))
         row_ops.append(start)
     lead = tuple(size_hint(s) for s in shape_of(start)[:-1])
-    frame = Frame(lead, _product(lead), size_hint(vocab))
+    frame = Frame(lead, math.prod(lead), size_hint(vocab))
     _fuse_piece_loops(gm, start, frame)
     region = _region(gm, start, frame)
     outputs = _outputs(region)
@@ -142,7 +143,6 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     except NotRowWise as why:
         raise CantChunk(str(why)) from None
     site = TokenHeadSite(head, row_ops, region, outputs, inputs, frame, report, row_function, token, whole)
-    _check_placement(gm, site)  # before any change to the graph, then once more after the move
     _move_inputs_up(gm, site)
     _check_placement(gm, site)
     plan_site(report, policy, is_symbolic(shape_of(start)[:-1]), example_value(head.out).device.type)
@@ -159,13 +159,6 @@ def _fuse_piece_loops(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> None:
             if _is_logits(node, frame) and fuse_piece_loop(gm, node):
                 fused = True
                 break
-
-
-def _product(sizes) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
 
 
 def _region(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> list[fx.Node]:
@@ -253,7 +246,7 @@ def _check_placement(gm: fx.GraphModule, site: TokenHeadSite) -> None:
     inside = set(site.region)
     readers = [u for o in site.outputs for u in o.users if u not in inside]
     early = [u for u in readers if order[u] <= order[anchor]]
-    if early and not _movable_inputs(gm, site):
+    if early:
         raise CantChunk(f"'{early[0].name}' reads a per-token value before '{anchor.name}', an input of the site, is ready")
     differentiable = any(getattr(example_value(o), "requires_grad", False) for o in site.outputs)
     if differentiable and not grad_enabled_at(gm, anchor):

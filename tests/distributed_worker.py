@@ -75,16 +75,7 @@ def _ddp_phase(build, step, records: _Records) -> dict:
     """DDP with 1 MiB buckets around the model, compiled, one step of `step` against eager."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch._dynamo.reset()
-    mst_fx.clear_reports()
-    records.records.clear()
-    model = build()
-    compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend=mst_fx.backend(**OPTIONS))
-    result = _compiled_step(compiled, model, step, _batch(rank))
-    result.update(_reference(build, step, rank, world), logs=list(records.records))
-    return result
-
+    return _phase(build, step, records, lambda model: DDP(model, bucket_cap_mb=1))
 
 def _ddp_logits(rank: int, world: int, records: _Records) -> dict:
     """A Hugging Face causal LM in train mode, returning its logits with its loss as HF models do,
@@ -128,20 +119,27 @@ def _fsdp2_phase(build, step, records: _Records) -> dict:
     """FSDP2 on each decoder layer and the root, compiled, one step of `step` against eager."""
     from torch.distributed.fsdp import fully_shard
 
+    def shard(model):
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+
+    result = _phase(build, step, records, shard)
+    result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}  # DTensor shards
+    return result
+
+
+def _phase(build, step, records: _Records, wrap) -> dict:
+    """`wrap(model)` compiled with mst, one step of `step` on this rank's batch, against eager."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch._dynamo.reset()
     mst_fx.clear_reports()
     records.records.clear()
     model = build()
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    compiled = torch.compile(model, backend=mst_fx.backend(**OPTIONS))
+    compiled = torch.compile(wrap(model), backend=mst_fx.backend(**OPTIONS))
     result = _compiled_step(compiled, model, step, _batch(rank))
-    result["grads"] = {name: grad.full_tensor() for name, grad in result["grads"].items()}  # DTensor shards
     result.update(_reference(build, step, rank, world), logs=list(records.records))
     return result
-
 
 def _batch(rank: int):
     return random_batch(512, 1, TOKENS, seed=rank)  # each rank its own data
