@@ -16,13 +16,13 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mst_fx.deferred_logits import defer_outputs
-from mst_fx.dropped_logits import mark_outputs
+from mst_fx.inspect.compiled_reports import record_report
 from mst_fx.options import MstOptions
-from mst_fx.passes import GraphReport, run_passes
-from mst_fx.passes.graph_utils import copy_graph_module
+from mst_fx.passes import GraphReport, rewrite
 from mst_fx.passes.lm_head import dropped_logits_outputs
 from mst_fx.passes.returned_logits import deferred_outputs
+from mst_fx.runtime.deferred_logits import defer_outputs
+from mst_fx.runtime.dropped_logits import mark_outputs
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,6 @@ def _skip_transformers_warning_once() -> None:
 
 
 _skip_transformers_warning_once()
-
-_recent_reports: list[GraphReport] = []
-_KEPT_REPORTS = 64
-
-
-def compiled_reports() -> list[GraphReport]:
-    """Reports of the graphs this process compiled with mst, oldest first (the last 64)."""
-    return list(_recent_reports)
-
-
-def clear_reports() -> None:
-    _recent_reports.clear()
-
 
 def mst_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
     """The entry point `torch.compile(backend="mst")` calls; `options` come from torch.compile."""
@@ -90,8 +77,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         )
         compiled = hand_off(gm, example_inputs, options.compiler, mode)
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
-    _recent_reports.append(report)
-    del _recent_reports[:-_KEPT_REPORTS]
+    record_report(report)
     return _counting_blocks(compiled, example_inputs, report)
 
 
@@ -112,28 +98,10 @@ def _counting_blocks(compiled, example_inputs, report: GraphReport):
     return call
 
 
-def rewrite(
-    gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None = None
-) -> tuple[fx.GraphModule, GraphReport]:
-    """(rewritten copy of gm, report); (gm itself, report) when nothing was rewritten."""
-    work = copy_graph_module(gm)
-    try:
-        report = run_passes(work, example_inputs, options, model_training)
-    except Exception as error:
-        log.warning(
-            "mst: a pass failed on this graph (%s: %s); compiling it unrewritten",
-            type(error).__name__,
-            error,
-            exc_info=log.isEnabledFor(logging.DEBUG),
-        )
-        return gm, GraphReport()
-    return (work if report.rewritten() else gm), report
-
-
 def hand_off(gm: fx.GraphModule, example_inputs, compiler: str, mode=None, observe=None):
     """Compile with the chosen compiler.
 
-    The chunked sites are opaque custom ops (`mst_fx.chunked_ops`), so nothing the compiler does to
+    The chunked sites are opaque custom ops (`mst_fx.runtime.chunked_ops`), so nothing the compiler does to
     the graph (CSE, the partitioner's choice of what to save, scheduling) reaches inside a chunk.
 
     `observe(graph_module, is_backward)`: called with each partitioned graph; the forward's outputs

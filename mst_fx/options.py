@@ -1,4 +1,8 @@
-"""The backend's options: one frozen dataclass, validated once, with errors that say what is allowed."""
+"""The backend's options: one frozen dataclass, validated once, with errors that say what is allowed.
+
+The layers below read them without importing this module: the passes through
+`mst_fx.passes.PassOptions`, the sites they build through `mst_fx.runtime.site_options.SiteOptions`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from mst_fx.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunk_plan import ChunkPolicy
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 GRAD_ACCUMULATIONS = ("fp32", "param")
@@ -17,7 +21,7 @@ class MstOptions:
     """What `torch.compile(..., backend="mst", options={...})` accepts.
 
     chunk_size:  tokens per chunk: "auto" (from each site's widths and the length at run time,
-                 see `mst_fx.chunk_plan`) or an int >= 1 used for every site.
+                 see `mst_fx.runtime.chunk_plan`) or an int >= 1 used for every site.
     chunks:      "auto", or a fixed number of chunks M >= 1 for every site (the chunk size then
                  follows the length). Give chunk_size or chunks, not both.
     mlp:         rewrite linear -> activation -> linear blocks.

@@ -26,7 +26,7 @@ import operator
 import torch
 from torch import fx
 
-from mst_fx.chunked_ops import AdapterForm
+from mst_fx.runtime.chunked_ops import AdapterForm
 
 from .graph_utils import CantChunk, Linear, example_value, is_call, is_inactive_dropout, match_linear
 

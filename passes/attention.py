@@ -13,7 +13,7 @@ Causal only (no `attention_mask` given):
 
 Causal and padding (an `attention_mask` given, as HF Trainer's collators always do):
 
-    attn = mst_fx.causal_attention.causal_attention(q, k, v, [padding], [kv_offset], scale, False)
+    attn = mst_fx.runtime.causal_attention.causal_attention(q, k, v, [padding], [kv_offset], scale, False)
 
 which, at run time, calls SDPA with is_causal when `padding` is all True and otherwise rebuilds the
 same mask from it: a padded batch computes exactly what it did, at the cost of its mask, and an
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from mst_fx.causal_attention import causal_attention
+from mst_fx.runtime.causal_attention import causal_attention
 
 from .checkpoint_bodies import CHECKPOINT
 from .graph_utils import CantChunk, example_value, qualified_module_path, shape_of, size_hint, without_wrappers

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mst_fx.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunk_plan import ChunkPolicy
 
 from .graph_utils import CantChunk
 from .report import SiteReport

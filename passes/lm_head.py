@@ -23,7 +23,7 @@ After:
 
 In training the logits the model returns become that empty placeholder unless `keep_logits=True`,
 which leaves the site as it is (materialising N x V logits is what the rewrite exists to avoid).
-The backend hands it to the caller as a `mst_fx.dropped_logits.DroppedLogits`, which raises when
+The backend hands it to the caller as a `mst_fx.runtime.dropped_logits.DroppedLogits`, which raises when
 computed with, and the manager says so once at WARNING level.
 """
 
@@ -35,26 +35,26 @@ import operator
 import torch
 from torch import fx
 
-from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
-from mst_fx.options import MstOptions
+from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
+from mst_fx.runtime.site_options import SiteOptions
 
 from .adapters import adapter_form, adapter_weights, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
-from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses, match_token_losses
 from .graph_utils import (
     CantChunk,
     Linear,
     erase_unused,
     example_value,
     first_mutation_between,
+    head_path,
     is_call,
     is_elementwise_of,
-    head_path,
     numel_hint,
     shape_of,
     size_hint,
 )
+from .loss_forms import LossMatch, cross_entropy_calls, logits_of, match_loss, match_split_losses, match_token_losses
 from .report import SiteReport
 
 DROPPED_LOGITS = "mst_dropped_logits"  # node meta: this graph output stands for logits not computed
@@ -109,7 +109,7 @@ def _refuse_if_estimated_to_cost(report: SiteReport) -> None:
     """Under "auto", leave alone a head the estimate says the rewrite would make costlier: the
     gradients it computes in forward, (N + V) x d, held through the backward (and scaled into new
     tensors there) outweigh the N x V logits when d is large and the logits are not returned."""
-    from mst_fx.memory_estimate import estimate_site
+    from mst_fx.inspect.memory_estimate import estimate_site  # here: it imports this package
 
     memory = estimate_site(report)
     before, after = memory.kept_before + memory.added_before, memory.kept_after + memory.added_after
@@ -247,7 +247,7 @@ def is_dead_pure(node: fx.Node) -> bool:
     return not (name.endswith("_") and not name.endswith("__")) and not node.is_impure()
 
 
-def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, options: MstOptions) -> None:
+def rewrite_lm_head_site(gm: fx.GraphModule, site: LMHeadSite, index: int, options: SiteOptions) -> None:
     between = [*site.transform, *site.row_ops, *site.head.nodes]
     erase_unused([user for node in between for user in list(node.users) if is_dead_pure(user)])
     name = f"mst_lm_head_{index}"

@@ -23,15 +23,16 @@ reason and left as it is.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 from torch import fx
 
-from mst_fx.options import MstOptions
+from mst_fx.runtime.site_options import SiteOptions
 
 from .attention import find_attention_sites, rewrite_attention_site
 from .checkpoint_bodies import checkpoint_bodies
-from .graph_utils import names_in_compiled_module
+from .graph_utils import copy_graph_module, names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
 from .mlp import CUT_REASON, find_mlp_sites, rewrite_mlp_site
 from .report import GraphReport, SiteReport
@@ -43,7 +44,43 @@ log = logging.getLogger(__name__)
 _already_logged: set[tuple] = set()
 
 
-def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None = None) -> GraphReport:
+class PassOptions(SiteOptions, Protocol):
+    """What the passes read of the backend's options (`mst_fx.MstOptions` is one): which rewrites
+    run, whether returned logits are kept, and what the sites they build read (`SiteOptions`)."""
+
+    @property
+    def mlp(self) -> bool: ...
+
+    @property
+    def lm_head(self) -> bool: ...
+
+    @property
+    def attention(self) -> bool: ...
+
+    @property
+    def keep_logits(self) -> bool: ...
+
+
+def rewrite(
+    gm: fx.GraphModule, example_inputs, options: PassOptions, model_training: bool | None = None
+) -> tuple[fx.GraphModule, GraphReport]:
+    """(rewritten copy of gm, report); (gm itself, report) when nothing was rewritten. A pass that
+    raises leaves the graph as it is: a rewrite may fail to save memory, never fail training."""
+    work = copy_graph_module(gm)
+    try:
+        report = run_passes(work, example_inputs, options, model_training)
+    except Exception as error:
+        log.warning(
+            "mst: a pass failed on this graph (%s: %s); compiling it unrewritten",
+            type(error).__name__,
+            error,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        return gm, GraphReport()
+    return (work if report.rewritten() else gm), report
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_training: bool | None = None) -> GraphReport:
     """Rewrite `gm` in place; return what was found. `model_training`: the model's `training` flag
     when the caller knows it (`mst_fx.compile`); a model in eval mode keeps the logits it returns."""
     with names_in_compiled_module(gm, example_inputs):  # sites' locations as the user's model names them
@@ -52,7 +89,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_tr
     return report
 
 
-def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_training: bool | None) -> GraphReport:
+def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_training: bool | None) -> GraphReport:
     report = GraphReport()
     bodies = list(checkpoint_bodies(gm))
     training = is_training(example_inputs)
@@ -75,7 +112,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: MstOptions, model_t
     return report
 
 
-def _rewrite_lm_heads(gm: fx.GraphModule, options: MstOptions, training: bool, logits: str) -> list[SiteReport]:
+def _rewrite_lm_heads(gm: fx.GraphModule, options: PassOptions, training: bool, logits: str) -> list[SiteReport]:
     sites, skipped = find_lm_head_sites(gm, options.policy, training, logits)
     for index, site in enumerate(sites):
         rewrite_lm_head_site(gm, site, index, options)
@@ -99,7 +136,7 @@ def _one_report_per_head(loss_heads: list[SiteReport], token_heads: list[SiteRep
     return kept + [s for s in token_heads if s.rewritten or s.location not in reported]
 
 
-def _rewrite_token_heads(gm: fx.GraphModule, options: MstOptions, reported: set) -> list[SiteReport]:
+def _rewrite_token_heads(gm: fx.GraphModule, options: PassOptions, reported: set) -> list[SiteReport]:
     sites, skipped, left_alone = find_token_head_sites(gm, options.policy)
     for index, site in enumerate(sites):
         rewrite_token_head_site(gm, site, index, options)
@@ -107,7 +144,7 @@ def _rewrite_token_heads(gm: fx.GraphModule, options: MstOptions, reported: set)
     return [s.report for s in sites] + skipped
 
 
-def _rewrite_returned_heads(gm: fx.GraphModule, options: MstOptions, logits: str, reported: set) -> list[SiteReport]:
+def _rewrite_returned_heads(gm: fx.GraphModule, options: PassOptions, logits: str, reported: set) -> list[SiteReport]:
     """`reported` receives the nodes of the heads left alone, which the MLP pass must not report."""
     sites, skipped, left_alone = find_returned_heads(gm, options.policy, logits)
     for site in sites:
@@ -128,7 +165,7 @@ def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list
 
 
 def _rewrite_mlps(
-    gm: fx.GraphModule, options: MstOptions, checkpointed: bool, training=False, reported=frozenset()
+    gm: fx.GraphModule, options: PassOptions, checkpointed: bool, training=False, reported=frozenset()
 ) -> list[SiteReport]:
     sites, skipped = find_mlp_sites(gm, options.policy, training, reported)
     for index, site in enumerate(sites):

@@ -22,7 +22,7 @@ After:
     mst_mlp_0 = self.mst_mlp_0(x, w_gate, None, w_up, None, w_down, None)
 
 `self.mst_mlp_0` runs the same computation over M token chunks and recomputes each chunk's
-intermediates in backward (`mst_fx.chunked_ops.ChunkedMLP`); the activation is lifted verbatim into
+intermediates in backward (`mst_fx.runtime.chunked_ops.ChunkedMLP`); the activation is lifted verbatim into
 its own small graph.
 """
 
@@ -34,9 +34,9 @@ import operator
 import torch
 from torch import fx
 
-from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.chunked_ops import ChunkedMLP, MLPForm
-from mst_fx.options import MstOptions
+from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunked_ops import ChunkedMLP, MLPForm
+from mst_fx.runtime.site_options import SiteOptions
 
 from .adapters import AdaptedLinear, adapter_form, inside_adapted_linears, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
@@ -47,12 +47,12 @@ from .graph_utils import (
     erase_unused,
     example_value,
     first_mutation_between,
+    head_path,
     is_call,
     is_elementwise_of,
     is_inactive_dropout,
     lift_chain,
     match_linear,
-    head_path,
     module_path,
     numel_hint,
     only_used_by,
@@ -459,7 +459,7 @@ def _adapter_weights(gate, up, down) -> list[fx.Node | None]:
     return [w for a in adapted for w in ((a.lora_a, a.lora_b) if a else (None, None))]
 
 
-def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: MstOptions) -> None:
+def rewrite_mlp_site(gm: fx.GraphModule, site: MLPSite, index: int, options: SiteOptions) -> None:
     name = f"mst_mlp_{index}"
     widths = (site.report.in_width, site.report.amplified_width)
     gm.add_submodule(name, ChunkedMLP(site.form, site.activation, widths, options))

@@ -1,7 +1,7 @@
 """What the passes found in one graph: one `SiteReport` per site, rewritten or left alone.
 
 Both convert to and from plain dicts (`to_dict` / `from_dict`, JSON-ready, `from_dict(to_dict(r)) == r`);
-`mst_fx.explain` documents the keys.
+`mst_fx.inspect.model_report` documents the keys.
 """
 
 from __future__ import annotations

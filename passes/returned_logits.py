@@ -5,7 +5,7 @@ the graph ends at the head and its N x V logits are an output. In a training gra
 (a widening linear, then only row ops and logit ops: casts, scaling by a number, tanh soft-capping)
 is taken out: the graph returns the head's input instead, with the row ops replayed on it, and
 the head's weight and bias as extra outputs. The backend hands the caller a
-`mst_fx.deferred_logits.DeferredLogits` in the logits' place, on which `cross_entropy` runs chunked
+`mst_fx.runtime.deferred_logits.DeferredLogits` in the logits' place, on which `cross_entropy` runs chunked
 and anything else computes the logits once (see that module).
 
 Before (litgpt's GPT, training, loss outside):
@@ -31,15 +31,25 @@ import operator
 import torch
 from torch import fx
 
-from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.deferred_logits import DeferredOutput
-from mst_fx.options import MstOptions
+from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.deferred_logits import DeferredOutput
+from mst_fx.runtime.site_options import SiteOptions
 
 from .adapters import adapter_form, adapter_weights, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
-from .graph_utils import CantChunk, Linear, erase_unused, example_value, head_path, is_call, numel_hint, shape_of, size_hint
-from .loss_forms import CASTS
+from .graph_utils import (
+    CantChunk,
+    Linear,
+    erase_unused,
+    example_value,
+    head_path,
+    is_call,
+    numel_hint,
+    shape_of,
+    size_hint,
+)
 from .lm_head import is_dead_pure, lift_transform, replay_row_op, walk_to_head
+from .loss_forms import CASTS
 from .report import SiteReport
 
 DEFERRED = "mst_deferred_head"  # output node meta: DeferredOutput of the heads the pass took out
@@ -117,7 +127,7 @@ def _plan(report: SiteReport, head: Linear, value: fx.Node, policy: ChunkPolicy)
     plan_site(report, policy, is_symbolic(rows), logits.device.type)
 
 
-def rewrite_returned_head(gm: fx.GraphModule, site: ReturnedHead, options: MstOptions) -> None:
+def rewrite_returned_head(gm: fx.GraphModule, site: ReturnedHead, options: SiteOptions) -> None:
     """Return the rows in the logits' place and the head's weight (and bias) at the end."""
     graph, head = gm.graph, site.head
     (output,) = [n for n in graph.nodes if n.op == "output"]
@@ -140,7 +150,7 @@ def rewrite_returned_head(gm: fx.GraphModule, site: ReturnedHead, options: MstOp
     erase_unused([*site.transform, *site.row_ops, *head.nodes])
 
 
-def _deferred_output(site: ReturnedHead, position: int, params: tuple, options: MstOptions) -> DeferredOutput:
+def _deferred_output(site: ReturnedHead, position: int, params: tuple, options: SiteOptions) -> DeferredOutput:
     head, logits = site.head, example_value(site.output)
     weight_dtype = example_value(head.weight).dtype
     out_dtype = example_value(head.out).dtype

@@ -39,10 +39,10 @@ import operator
 import torch
 from torch import fx
 
-from mst_fx.chunk_plan import ChunkPolicy
-from mst_fx.chunked_ops import CrossEntropyForm
-from mst_fx.chunked_token_ops import ChunkedLinearRows
-from mst_fx.options import MstOptions
+from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunked_ops import CrossEntropyForm
+from mst_fx.runtime.chunked_token_ops import ChunkedLinearRows
+from mst_fx.runtime.site_options import SiteOptions
 
 from .adapters import adapter_form, adapter_weights, inside_adapted_linears, match_any_linear, refuse_random_adapter
 from .chunk_count import is_symbolic, plan_site
@@ -298,7 +298,7 @@ def _describe(output: fx.Node) -> str:
     return f"{output.name} ({op_name(node)})"
 
 
-def rewrite_token_head_site(gm: fx.GraphModule, site: TokenHeadSite, index: int, options: MstOptions) -> None:
+def rewrite_token_head_site(gm: fx.GraphModule, site: TokenHeadSite, index: int, options: SiteOptions) -> None:
     head, frame = site.head, site.frame
     differentiable = tuple(bool(getattr(example_value(o), "requires_grad", False)) for o in site.outputs)
     token, whole, row_function = site.token_inputs, site.whole_inputs, site.row_function

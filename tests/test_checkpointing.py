@@ -14,7 +14,7 @@ from test_saved_for_backward import dynamo_graph
 from torch import fx
 
 import mst_fx
-from mst_fx.chunked_ops import ChunkedMLP
+from mst_fx.runtime.chunked_ops import ChunkedMLP
 from mst_fx.dynamo_backend import hand_off
 from mst_fx.models import MLPStack, enable_checkpointing, random_batch, tiny_llama
 

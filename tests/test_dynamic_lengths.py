@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mst_fx
-from mst_fx import chunk_bodies
-from mst_fx.chunk_plan import ChunkPolicy
+from mst_fx.runtime import chunk_bodies
+from mst_fx.runtime.chunk_plan import ChunkPolicy
 from mst_fx.models import MLPStack, random_batch
 
 VOCAB = 500

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,12 @@ from test_saved_for_backward import dynamo_graph
 from torch import fx, nn
 
 import mst_fx
+from mst_fx import ModelReport
 from mst_fx.dynamo_backend import hand_off
-from mst_fx.explain import ModelReport
-from mst_fx.inspect_cli import main
-from mst_fx.memory_estimate import estimate_peak, estimate_site
+from mst_fx.explain_model import inspect_main as main
+from mst_fx.inspect.memory_estimate import estimate_peak, estimate_site
+from mst_fx.inspect.report_format import graph_code, to_json, to_table
 from mst_fx.models import MLPStack, SwiGLU, enable_checkpointing, random_batch, tiny_llama
-from mst_fx.report_format import graph_code, to_json, to_table
 
 TOKENS, HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 2048, 64, 256, 500, 3
 
@@ -298,9 +299,8 @@ def test_cli_bad_target_exits_2_with_one_clear_line(argv, message, capsys):
 
 
 def test_console_entry_point_exit_code():
-    done = subprocess.run(
-        [sys.executable, "-m", "mst_fx.inspect_cli", "not/a/config.json"], check=False, capture_output=True, text=True
-    )
+    console_script = Path(sys.executable).with_name("mst-inspect")  # installed by pip next to python
+    done = subprocess.run([str(console_script), "not/a/config.json"], check=False, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "mst-inspect: error: unknown target 'not/a/config.json': not a family (llama, llama-3-8b, gpt2, "
@@ -310,9 +310,9 @@ def test_console_entry_point_exit_code():
 
 
 def test_cli_any_hugging_face_family_by_model_type(capsys):
-    from mst_fx import tiny_configs
+    from mst_fx.models import tiny_configs
 
-    assert main(["phi3", "--json"]) == 0  # tiny, from mst_fx.tiny_configs
+    assert main(["phi3", "--json"]) == 0  # tiny, from mst_fx.models.tiny_configs
     sites = json.loads(capsys.readouterr().out)["graphs"][0]["sites"]
     expected = [("attention", True)] + [("mlp fused", True)] * 2 + [("lm_head", True)]
     assert [(s["kind"], s["rewritten"]) for s in sites] == expected

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import mst_fx
-from mst_fx.deferred_logits import DeferredLogits
+from mst_fx.runtime.deferred_logits import DeferredLogits
 
 from conftest import assert_parity, skipped_reasons
 
@@ -221,7 +221,7 @@ def test_a_backward_hook_observes_the_rows_gradient():
 def test_per_token_losses_summed_are_one_reduced_loss():
     """litgpt's loss: cross_entropy(reduction="none") per split, cat, sum. The sum runs as the
     reduced loss does (gradients in forward); other uses compute the values per token."""
-    from mst_fx.per_token_loss import DeferredTokenLosses
+    from mst_fx.runtime.per_token_loss import DeferredTokenLosses
 
     logits = torch.compile(model(), backend=mst_fx.backend(**OPTIONS))(batch()[0])
     targets = batch()[1].reshape(-1)

@@ -1,5 +1,5 @@
 """A representative handful of Hugging Face families, built as `tools/coverage.py` builds them
-(`mst_fx.tiny_configs`): every layer's MLP and the LM head are rewritten, with eager's loss and
+(`mst_fx.models.tiny_configs`): every layer's MLP and the LM head are rewritten, with eager's loss and
 gradients. `docs/coverage.md` has every family."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_parity, loss_of
 
 from mst_fx.models import random_batch
-from mst_fx.tiny_configs import mlp_layer_count, tiny_model, why_not_built
+from mst_fx.models.tiny_configs import mlp_layer_count, tiny_model, why_not_built
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -197,7 +197,7 @@ def test_a_rewritten_graph_the_compiler_rejects_is_compiled_unrewritten(monkeypa
 
 
 def test_a_chunk_body_inductor_cannot_compile_runs_uncompiled_and_says_so_once(monkeypatch, caplog):
-    from mst_fx import chunk_bodies
+    from mst_fx.runtime import chunk_bodies
 
     def broken(graph, inputs):
         raise RuntimeError("simulated Inductor bug")
@@ -352,7 +352,7 @@ def test_an_mlp_cut_across_graphs_is_reported_not_missed():
 def test_site_keys_change_with_the_runtime_code(monkeypatch):
     """Compile caches on disk key on the site key: a graph cached by another version of the runtime
     (another op signature) must not be reused, so the key carries a hash of the runtime's code."""
-    from mst_fx import chunked_ops
+    from mst_fx.runtime import chunked_ops
     from mst_fx.options import MstOptions
 
     form = chunked_ops.CrossEntropyForm("mean", -100, 0.0, False)

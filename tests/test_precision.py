@@ -13,7 +13,7 @@ import torch
 from conftest import assert_parity, loss_of, rewritten_kinds
 
 import mst_fx
-from mst_fx import chunk_bodies
+from mst_fx.runtime import chunk_bodies
 from mst_fx.models import MLPStack, random_batch, tiny_llama
 
 VOCAB = 500

@@ -195,7 +195,7 @@ def test_lora_on_the_head():
 
 
 def test_mst_inspect_names_the_per_token_values(capsys):
-    from mst_fx.inspect_cli import main
+    from mst_fx.explain_model import inspect_main as main
 
     assert main(["mst_fx.models:grpo_llama"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@
 
 For each model type in transformers' causal-LM mapping, in its own process (a crash or a hang in
 one family can't stop the sweep): build the family from a tiny config with random weights
-(`mst_fx.tiny_configs`), run one training step eagerly and one under
+(`mst_fx.models.tiny_configs`), run one training step eagerly and one under
 `torch.compile(backend=mst_fx.backend(compiler="aot_eager", chunks=4))` on a copy with the same
 weights, and record the MLP sites found and rewritten, whether the LM head was rewritten, loss and
 gradient parity, and why each site left alone was left alone. Exits 1 when a family whose rewrite
@@ -79,8 +79,7 @@ def run_family(family: str, stage: list[str]) -> FamilyResult:
 
     `stage[0]` says how far it got, for the report of an exception."""
     import mst_fx
-    from mst_fx import tiny_configs
-    from mst_fx.models import random_batch
+    from mst_fx.models import random_batch, tiny_configs
 
     stage[0] = "building the model"
     model = tiny_configs.tiny_model(family)
@@ -173,8 +172,7 @@ def _plain_compile_parity(reference, inputs, expected) -> bool:
 
 def _fails_without_rewrites(family: str) -> str | None:
     """The error of the compiled step with both rewrites off, if it fails too."""
-    from mst_fx import tiny_configs
-    from mst_fx.models import random_batch
+    from mst_fx.models import random_batch, tiny_configs
 
     model = tiny_configs.tiny_model(family)
     inputs = random_batch(model.config.get_text_config().vocab_size, BATCH, TOKENS, ignore_every=7)
@@ -237,7 +235,7 @@ def _first_line(error: Exception) -> str:
 
 
 def sweep(families: list[str], timeout: float, verbose: bool) -> list[FamilyResult]:
-    from mst_fx.tiny_configs import why_not_built
+    from mst_fx.models.tiny_configs import why_not_built
 
     results = []
     for number, family in enumerate(families, 1):
@@ -367,7 +365,7 @@ def document(results: list[FamilyResult], command: str, seconds: float) -> str:
         "# Coverage across architectures",
         "",
         "Every model type in transformers' causal-LM mapping (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), built",
-        "from a tiny config with random weights (`mst_fx/tiny_configs.py`: 2 layers, hidden 64, vocab 512,",
+        "from a tiny config with random weights (`mst_fx/models/tiny_configs.py`: 2 layers, hidden 64, vocab 512,",
         f"no dropout, train mode), one training step on {BATCH}x{TOKENS} tokens eagerly and under",
         f"`torch.compile(model, backend=mst_fx.backend(compiler=\"aot_eager\", chunks={CHUNKS}))`,",
         "each family in its own process. *MLP rewritten/found/layers*: MLP sites rewritten, MLP sites the",
@@ -408,7 +406,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child)
-    from mst_fx.tiny_configs import causal_lm_families
+    from mst_fx.models.tiny_configs import causal_lm_families
 
     families = args.families.split(",") if args.families else causal_lm_families()
     started = time.perf_counter()

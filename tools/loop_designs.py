@@ -69,7 +69,7 @@ def loop(step):
 
 if design == "mst":
     import mst_fx
-    from mst_fx.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
+    from mst_fx.runtime.chunked_ops import ChunkedLinearCrossEntropy, CrossEntropyForm
     from torch import fx
 
     form = CrossEntropyForm("mean", -100, 0.0, False)

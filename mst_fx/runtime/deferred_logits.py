@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from mst_fx import deferred_rows
-from mst_fx.chunk_bodies import autocast, plain_linear
-from mst_fx.chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits
-from mst_fx.dropped_logits import READABLE
-from mst_fx.options import MstOptions
-from mst_fx.per_token_loss import DeferredTokenLosses, per_token_cross_entropy
+from . import deferred_rows
+from .chunk_bodies import autocast, plain_linear
+from .chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits
+from .dropped_logits import READABLE
+from .per_token_loss import DeferredTokenLosses, per_token_cross_entropy
+from .site_options import SiteOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Head:
     transform: fx.GraphModule  # elementwise ops on the logits: casts, scaling, soft-capping
     dtype: torch.dtype  # of the logits after `transform`
     autocast_dtype: torch.dtype | None  # the head ran under autocast in the model's graph
-    options: MstOptions
+    options: SiteOptions
     location: str
 
     @property
@@ -417,7 +417,7 @@ class DeferredOutput:
     transform: fx.GraphModule
     dtype: torch.dtype
     autocast_dtype: torch.dtype | None
-    options: MstOptions
+    options: SiteOptions
     location: str
 
 

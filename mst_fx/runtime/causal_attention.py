@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mst_fx.chunk_bodies import ORDINARY_DISPATCH
-
+from .chunk_bodies import ORDINARY_DISPATCH
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, paddings: list[Tensor], offsets: list[int],

@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mst_fx import chunk_bodies
-from mst_fx.options import MstOptions
+from . import chunk_bodies
+from .site_options import SiteOptions
+
 
 def _runtime_version() -> str:
     """A hash of this runtime's code. It is part of every site key, and so of what torch's compile
@@ -74,7 +75,7 @@ _SITES: dict[str, _ChunkedSite] = {}
 class _ChunkedSite(nn.Module):
     """A site's description (`chunk`), its chunk policy and the compiler of its bodies."""
 
-    def __init__(self, widths: tuple[int, int], options: MstOptions):
+    def __init__(self, widths: tuple[int, int], options: SiteOptions):
         super().__init__()
         self.in_width, self.amplified_width = widths
         self.policy, self.compiler = options.policy, options.compiler
@@ -324,7 +325,7 @@ class AdapterForm:
 class ChunkedMLP(_ChunkedSite):
     """down(act(gate(x)) [* up(x)]) chunk by chunk; backward recomputes one chunk at a time."""
 
-    def __init__(self, form: MLPForm, activation: nn.Module, widths: tuple[int, int], options: MstOptions):
+    def __init__(self, form: MLPForm, activation: nn.Module, widths: tuple[int, int], options: SiteOptions):
         super().__init__(widths, options)
         self.form, self.activation = form, activation
         self.register(form, activation.code)
@@ -396,7 +397,7 @@ def head_logits(linear, x, params, form: CrossEntropyForm):
 class ChunkedLinearCrossEntropy(_ChunkedSite):
     """The LM head and its cross-entropy chunk by chunk; the N x V logits never exist."""
 
-    def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, widths: tuple[int, int], options: MstOptions):
+    def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, widths: tuple[int, int], options: SiteOptions):
         super().__init__(widths, options)
         self.form, self.logit_transform = form, logit_transform
         self.register(form, logit_transform.code)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import textwrap
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from mst_fx.explain import InspectedGraph, ModelReport
-from mst_fx.memory_estimate import METHOD
-from mst_fx.passes import SiteReport
+from mst_fx.passes.report import SiteReport
+
+from .memory_estimate import METHOD
+
+if TYPE_CHECKING:  # for annotations only: `ModelReport.__str__` calls this module
+    from .model_report import InspectedGraph, ModelReport
 
 SITE_COLUMNS = ["module", "kind", "N x d -> W", "chunks x tokens", "largest before", "largest after", "left alone because"]
 TOTAL_COLUMNS = ["graph", "sites", "rewritten", "est. peak before", "est. peak after", "est. saving"]

@@ -1,7 +1,7 @@
 """`mst-inspect`: what mst finds in a model, what it rewrites, and the peak memory that saves.
 
     mst-inspect llama --tokens 32768           a built-in family (tiny; llama-3-8b for real sizes)
-    mst-inspect mistral                        any other Hugging Face causal-LM family, tiny (mst_fx.tiny_configs)
+    mst-inspect mistral                        any other Hugging Face causal-LM family, tiny (mst_fx.models.tiny_configs)
     mst-inspect path/to/config.json            a Hugging Face causal-LM config (or its directory)
     mst-inspect my_pkg.models:build            a factory: build() -> (model, args) or (model, args, kwargs)
 
@@ -24,12 +24,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mst_fx import report_format
-from mst_fx.explain import explain
-from mst_fx.options import MstOptions
+from . import report_format
+from .dry_run import dry_run
 
 
 class BadTarget(Exception):
@@ -114,18 +114,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--options", default="{}", help="backend options as JSON, e.g. '{\"chunks\": 8}'")
     output = p.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="the report as JSON (keys: see mst_fx.explain)")
+    output.add_argument("--json", action="store_true", help="the report as JSON (keys: see mst_fx.inspect.model_report)")
     output.add_argument("--graph", choices=["before", "after"], help="print the graphs' code before/after the rewrite")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, read_options: Callable[[dict], Any]) -> int:
+    """`read_options`: the backend's options from a mapping, raising ValueError for a bad one
+    (`mst_fx.MstOptions.from_mapping`; `mst_fx.explain_model.inspect_main` passes it)."""
     args = parse_args(argv)
     try:
-        options = _parse_options(args.options)
+        options = _parse_options(args.options, read_options)
         model, call_args, call_kwargs, description = load_target(args)
         _quiet_torch_errors()
-        report = explain(model, *call_args, example_kwargs=call_kwargs, target=description, **options)
+        report = dry_run(model, call_args, call_kwargs, options, description)
     except BadTarget as why:
         print(f"mst-inspect: error: {why}", file=sys.stderr)
         return 2
@@ -156,7 +158,7 @@ def _emit(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting does not fail again
 
 
-def _parse_options(text: str) -> dict:
+def _parse_options(text: str, read_options: Callable[[dict], Any]):
     try:
         options = json.loads(text)
     except json.JSONDecodeError as why:
@@ -164,10 +166,9 @@ def _parse_options(text: str) -> dict:
     if not isinstance(options, dict):
         raise BadTarget(f"--options must be a JSON object, got {text!r}")
     try:
-        MstOptions.from_mapping(options)
+        return read_options(options)
     except ValueError as why:
         raise BadTarget(str(why)) from None
-    return options
 
 
 def load_target(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, dict, str]:
@@ -181,7 +182,7 @@ def load_target(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, dict,
         return _from_factory(target, args)
     tiny = _tiny_family_config(target)
     if tiny is not None:
-        return _causal_lm(tiny, args, f"{target} (tiny, mst_fx.tiny_configs)")
+        return _causal_lm(tiny, args, f"{target} (tiny, mst_fx.models.tiny_configs)")
     raise BadTarget(
         f"unknown target {target!r}: not a family ({', '.join(FAMILIES)} or a Hugging Face model type such "
         f"as mistral), not an existing config.json or folder, not module:function"
@@ -189,9 +190,9 @@ def load_target(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, dict,
 
 
 def _tiny_family_config(model_type: str):
-    """Any other Hugging Face causal-LM family, tiny (`mst_fx.tiny_configs`); None if there is none."""
+    """Any other Hugging Face causal-LM family, tiny (`mst_fx.models.tiny_configs`); None if there is none."""
     try:
-        from mst_fx import tiny_configs
+        from mst_fx.models import tiny_configs
     except ImportError:  # an install without the tiny-config builder: built-in families only
         return None
     if model_type not in tiny_configs.causal_lm_families():
@@ -311,7 +312,3 @@ def _from_factory(target: str, args):
     if not isinstance(call_args, (tuple, list)) or not isinstance(call_kwargs, dict):
         raise BadTarget(f"{target} must return (model, args) or (model, args, kwargs) with a tuple and a dict")
     return model, tuple(call_args), call_kwargs, target
-
-
-if __name__ == "__main__":
-    sys.exit(main())

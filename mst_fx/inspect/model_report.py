@@ -1,18 +1,5 @@
-"""What mst finds in a model, what it rewrites, and what memory that saves, without training it.
-
-    with torch.device("meta"):                                  # shapes only: any size fits
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    ids = torch.zeros(1, 32768, dtype=torch.long, device="meta")
-    report = mst_fx.explain(model, ids, example_kwargs={"labels": ids, "use_cache": False}, chunks="auto")
-    print(report)                    # the table mst-inspect prints; report.to_dict() for JSON
-
-    model = torch.compile(model, backend="mst"); model(...)   # a real run, then:
-    report = mst_fx.last_report()
-
-`explain` traces the model with Dynamo, exactly as `torch.compile` does, and runs the passes on every
-graph it captures, but compiles nothing: each graph then runs as it is. On a model built on the meta
-device (`with torch.device("meta"): model = ...`) nothing is allocated, so any size can be inspected;
-example inputs are moved to meta when the model is there.
+"""`ModelReport`: every graph mst inspected or compiled, what it found in each, and the estimated
+saving; `to_dict()`/`from_dict()` are its JSON form.
 
 `last_report()` covers the graphs the `mst` backend compiled since the last `mst_fx.clear_reports()`
 (at most the last 64), oldest first. Dynamo compiles one graph per frame (a graph break starts a new
@@ -32,7 +19,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
     format                 "mst-fx-report/1"
     target                 what was inspected (free text), or null
     options                the backend options used (`mst_fx.MstOptions` fields), or null when not known
-    estimate_method        how the byte estimates are computed (`mst_fx.memory_estimate`)
+    estimate_method        how the byte estimates are computed (`mst_fx.inspect.memory_estimate`)
     estimated_peak_bytes   {"before", "after", "saving"}: all counted graphs together
     graphs                 list, oldest first, each:
       compile_id             Dynamo's "frame/recompile" id, or null
@@ -56,7 +43,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                                attention: B x Nq rows, head width, Nkv, 1 (the bool mask's)
         logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
         loss_outside           lm_head: the logits leave the graph for a loss computed outside it, and
-                               are returned deferred (`mst_fx.deferred_logits`) (null for other sites)
+                               are returned deferred (`mst_fx.runtime.deferred_logits`) (null for other sites)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
         calls                  attention: the SDPA calls that take the mask (null for other kinds)
         token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
@@ -68,21 +55,16 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
 (`code_before`, `code_after`) is not part of the JSON.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
-import torch
-from torch import fx
+from mst_fx.passes.report import GraphReport, SiteReport
 
-from mst_fx.dynamo_backend import compiled_reports, rewrite
-from mst_fx.memory_estimate import METHOD, PeakEstimate, estimate_peak, estimate_site
-from mst_fx.options import MstOptions
-from mst_fx.passes import GraphReport, SiteReport
-
-log = logging.getLogger(__name__)
+from .memory_estimate import METHOD, PeakEstimate, estimate_peak, estimate_site
+from .report_format import to_table
 
 FORMAT = "mst-fx-report/1"
 
@@ -110,8 +92,6 @@ class ModelReport:
 
     def __str__(self) -> str:
         """The table `mst-inspect` prints."""
-        from mst_fx.report_format import to_table  # it imports this module
-
         return to_table(self)
 
     @property
@@ -178,56 +158,3 @@ def _graph_dict(graph: InspectedGraph, counted: bool) -> dict[str, Any]:
         site_dict["estimated_bytes"] = dataclasses.asdict(estimate_site(site))
     return {"compile_id": data["compile_id"], "blocks": data["blocks"], "counted": counted,
             "estimated_peak_bytes": graph.estimate.to_dict(), "sites": data["sites"]}  # fmt: skip
-
-
-def explain(model, *example_inputs, example_kwargs: dict | None = None, target: str | None = None,
-            **options) -> ModelReport:  # fmt: skip
-    """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
-
-    `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `attention`, `keep_logits`,
-    `grad_accumulation`; `compiler` is accepted and unused). Runs with gradients enabled, as a
-    training step does. Nothing is compiled; each graph runs unrewritten (on meta tensors that costs
-    nothing). Raises what the model raises.
-    """
-    resolved = MstOptions.from_mapping(options)
-    graphs: list[InspectedGraph] = []
-
-    def inspecting_backend(gm: fx.GraphModule, inputs):
-        rewritten, report = rewrite(gm, inputs, resolved)
-        graphs.append(InspectedGraph(report, gm.code, rewritten.code))
-        log.debug(
-            "mst explain: graph %s: %d sites, %d rewritten",
-            report.compile_id,
-            len(report.sites),
-            len(report.rewritten()),
-        )
-        return gm.forward
-
-    args, kwargs = _on_model_device(model, example_inputs, dict(example_kwargs or {}))
-    with torch.enable_grad():
-        torch.compile(model, backend=inspecting_backend)(*args, **kwargs)
-    if not graphs:
-        raise RuntimeError(
-            "Dynamo compiled no graph for this call (already at its recompile limit? torch._dynamo.reset() clears it)"
-        )
-    return ModelReport(graphs, dataclasses.asdict(resolved), target)
-
-
-def last_report() -> ModelReport:
-    """What the `mst` backend compiled since the last `mst_fx.clear_reports()`: see the module doc."""
-    graphs = [InspectedGraph(r) for r in compiled_reports()]
-    return ModelReport(graphs, None, "graphs compiled with backend='mst'")
-
-
-def _on_model_device(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Inputs as meta tensors when the model's parameters are on meta (a mix would not trace)."""
-    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
-    if not any(p.is_meta for p in parameters):
-        return args, kwargs
-
-    def to_meta(value):
-        if not isinstance(value, torch.Tensor) or value.is_meta:
-            return value
-        return torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
-
-    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from mst_fx.chunk_bodies import autocast
-from mst_fx.chunked_token_ops import ChunkedLinearRows
+from .chunk_bodies import autocast
+from .chunked_token_ops import ChunkedLinearRows
 
 _NORMALIZERS = {torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax, F.softmax, F.log_softmax}
 _UNARY = {

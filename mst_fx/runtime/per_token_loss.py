@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from mst_fx.chunked_ops import CrossEntropyForm
-from mst_fx.chunked_token_ops import ChunkedLinearRows
-from mst_fx.dropped_logits import READABLE
-from mst_fx.options import MstOptions
+from .chunked_ops import CrossEntropyForm
+from .chunked_token_ops import ChunkedLinearRows
+from .dropped_logits import READABLE
+from .site_options import SiteOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _SITES: dict[tuple, ChunkedLinearRows] = {}
 
 def per_token_cross_entropy(
     rows: Tensor, params: list[Tensor | None], target: Tensor, form: CrossEntropyForm, transform: fx.GraphModule,
-    options: MstOptions,
+    options: SiteOptions,
 ) -> Tensor:  # fmt: skip
     """(tokens,) cross-entropy losses of `rows` (tokens, d) through the head, as F.cross_entropy
     with reduction="none" gives them (0 at ignored targets). `params`: the head's weight and bias,

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from mst_fx import chunk_bodies
-from mst_fx.chunked_ops import (
+from . import chunk_bodies
+from .chunked_ops import (
     CrossEntropyForm,
     _autocast_dtype,
     _ChunkedSite,
@@ -35,7 +35,7 @@ from mst_fx.chunked_ops import (
     head_logits,
     refuse_double_backward,
 )
-from mst_fx.options import MstOptions
+from .site_options import SiteOptions
 
 
 class ChunkedLinearRows(_ChunkedSite):
@@ -47,7 +47,7 @@ class ChunkedLinearRows(_ChunkedSite):
     def __init__(
         self, form: CrossEntropyForm, row_function: fx.GraphModule, differentiable: tuple[bool, ...],
         token_specs: tuple, whole_specs: tuple, output_leads: tuple[str, ...], widths: tuple[int, int],
-        options: MstOptions,
+        options: SiteOptions,
     ):  # fmt: skip
         """`token_specs`: per input read per token, ("model" | "flat", trailing shape): it broadcasts
         to the logits' leading dims (or to all tokens flat) and that trailing shape. `whole_specs`:

@@ -27,7 +27,7 @@ is what the partitioner saves for backward; in an MLP's backward one N x I gradi
 the place of the logits (their last use) unless the logits are returned: then that buffer stays, a
 compiled backward gets an N x V zero gradient for them, and the gradient needs its own.
 
-Rewritten (`mst_fx.chunked_ops`): a chunked MLP keeps only its input, which the unrewritten MLP
+Rewritten (`mst_fx.runtime.chunked_ops`): a chunked MLP keeps only its input, which the unrewritten MLP
 keeps too; its backward's chunk body recomputes gate and up and makes h, d(h), d(gate), d(up): six
 c x I tensors (four for a plain MLP). The weight gradients are accumulated in place, so no more
 than the gradients themselves. The chunked LM head keeps the input and weight gradients it
@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from mst_fx.passes import SiteReport
+from mst_fx.passes.report import SiteReport
 
 # Per kind: (N x W tensors kept for backward, N x W tensors its backward adds, chunk x W tensors a
 # rewritten site adds). The LM head's extras (returned logits, kept gradients) are in `estimate_site`.

@@ -1,0 +1,19 @@
+"""Small built-in models with random weights, for the demo, `mst-inspect`, the benchmarks and the tests.
+
+    mlp_stack.py     `MLPStack`: embedding, MLP blocks, head and loss, nothing else
+    causal_lms.py    tiny Hugging Face causal LMs (`tiny_llama`, `tiny_gpt2`) and `random_batch`
+    grpo.py          a GRPO step as TRL writes it (`mst-inspect mst_fx.models:grpo_llama`)
+    tiny_configs.py  a tiny config for any Hugging Face causal-LM family (`mst-inspect mistral`)
+
+Nothing is downloaded. These import torch and transformers only, nothing else of mst_fx: the
+models are what the library is tested on, not part of it.
+"""
+
+from .causal_lms import enable_checkpointing, random_batch, tiny_gpt2, tiny_llama
+from .grpo import GRPOStep, grpo_batch, grpo_llama, grpo_objective, masked_mean
+from .mlp_stack import GeluMLP, MLPStack, SwiGLU
+
+__all__ = [
+    "GRPOStep", "GeluMLP", "MLPStack", "SwiGLU", "enable_checkpointing", "grpo_batch", "grpo_llama", "grpo_objective",
+    "masked_mean", "random_batch", "tiny_gpt2", "tiny_llama",
+]  # fmt: skip

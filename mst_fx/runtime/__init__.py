@@ -1,0 +1,16 @@
+"""What a rewritten site runs: the chunk loop, its bodies, the chunk plan, the attention op, and
+the logits placeholders the caller gets when the loss is computed outside the graph.
+
+    chunked_ops.py        the `mst::*` custom ops: one opaque call per MLP or LM-head site
+    chunked_token_ops.py  the per-token head (`mst::linear_rows_*`): values kept per token
+    chunk_bodies.py       one chunk's forward and backward, compiled once per site
+    chunk_plan.py         how many tokens each chunk takes
+    causal_attention.py   the `mst::causal_attention` op for masks read as causal
+    deferred_logits.py    `DeferredLogits`: returned logits the loss outside chunks on use
+    deferred_rows.py      row-wise ops and per-token reductions on deferred logits
+    per_token_loss.py     unreduced cross-entropy on deferred logits
+    dropped_logits.py     the empty logits returned in training, and what reading them says
+    site_options.py       what a site reads of the backend's options
+
+This is the bottom layer: it imports torch and its own modules, nothing else of mst_fx.
+"""
