@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mst_fx
+from mst_fx.models import trl_entropy_from_logits, trl_selective_log_softmax
 
 from conftest import skipped_reasons
 from test_compiled_structure import _is_mst_op
@@ -256,13 +257,6 @@ def test_no_compiled_graph_holds_the_logits():
 # ---------------------------------------------------------------- the logits leave the compiled model
 
 
-def trl_selective_log_softmax(logits, index):
-    """TRL's `selective_log_softmax`, fp32 branch: gather, then a logsumexp per sequence."""
-    selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-    logsumexp = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
-    return selected - logsumexp
-
-
 def trl_row_log_softmax(logits, index):
     """TRL's `selective_log_softmax`, bf16 branch: log_softmax and gather, sequence by sequence."""
     rows = []
@@ -272,23 +266,13 @@ def trl_row_log_softmax(logits, index):
     return torch.stack(rows)
 
 
-def trl_entropy(logits, chunk_size=16):
-    """TRL's `entropy_from_logits`: flattened rows, in chunks, -(exp(logps) * logps).sum(-1)."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logps = F.log_softmax(chunk, dim=-1)
-        parts.append(-(torch.exp(logps) * logps).sum(-1))
-    return torch.cat(parts).reshape(logits.shape[:-1])
-
-
 def grpo_outside(log_softmax_fn):
     """A GRPO step as TRL writes it: the model's logits, then log-probs and entropy computed eagerly."""
 
     def step(model, ids, mask, advantages, old, ref):
         logits = model(ids)[:, :-1, :] / 0.7
         logps = log_softmax_fn(logits, ids[:, 1:])
-        entropy = trl_entropy(logits)
+        entropy = trl_entropy_from_logits(logits, chunk_size=16)
         ratio = torch.exp(logps - old)
         surrogate = torch.min(ratio * advantages[:, None], torch.clamp(ratio, 0.8, 1.2) * advantages[:, None])
         per_token = -surrogate - 0.01 * entropy

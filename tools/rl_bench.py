@@ -30,28 +30,11 @@ import platform
 import sys
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 from step_runner import measure, run_script_in_child
 
 VARIANTS = ("inductor", "mst", "trl-loop", "mst-trl-loop", "hand-chunked")
-
-
-def selective_log_softmax(logits, index):
-    """TRL's, fp32 branch: the gathered logit minus a logsumexp computed one sequence at a time."""
-    selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-    return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-
-
-def entropy_from_logits(logits, chunk_size: int = 128):
-    """TRL's: the entropy of each row, over chunks of rows."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logps = F.log_softmax(chunk, dim=-1)
-        parts.append(-(torch.exp(logps) * logps).sum(-1))
-    return torch.cat(parts).reshape(logits.shape[:-1])
 
 
 def build_step(variant: str, step, chunk: int):
@@ -66,9 +49,9 @@ def build_step(variant: str, step, chunk: int):
 
         def trl_loop(ids, mask, advantages, old_logps):
             logits = compiled(ids, use_cache=False).logits[:, :-1, :] / step.temperature
-            logps = selective_log_softmax(logits, ids[:, 1:])
+            logps = models.trl_selective_log_softmax(logits, ids[:, 1:])
             with torch.no_grad():
-                entropy = entropy_from_logits(logits)
+                entropy = models.trl_entropy_from_logits(logits)
             loss = models.grpo_objective(logps, mask, advantages, old_logps, step.epsilon)
             return loss, models.masked_mean(entropy, mask)
 

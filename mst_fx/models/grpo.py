@@ -1,8 +1,10 @@
-"""A GRPO step as TRL writes it, on a tiny Llama: the per-token LM head of post-training."""
+"""A GRPO step as TRL writes it, on a tiny Llama: the per-token LM head of post-training; and
+TRL's own log-prob and entropy loops, which post-training code runs on the logits a model returns."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .causal_lms import tiny_llama
@@ -53,3 +55,19 @@ def grpo_llama(sequences: int = 8, tokens: int = 1024, **shape):
     """`mst-inspect mst_fx.models:grpo_llama`: a GRPO step on the tiny Llama, per-token head included."""
     step = GRPOStep(tiny_llama(**shape))
     return step, grpo_batch(step.model.config.vocab_size, sequences, tokens)
+
+
+def trl_selective_log_softmax(logits, index):
+    """TRL's `selective_log_softmax`, fp32 branch: gather, then a logsumexp per sequence."""
+    selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+    return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+
+
+def trl_entropy_from_logits(logits, chunk_size: int = 128):
+    """TRL's `entropy_from_logits`: flattened rows, in chunks, -(exp(logps) * logps).sum(-1)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        parts.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(parts).reshape(logits.shape[:-1])
