@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from mst_fx.dynamo_backend import compile_graph
 from mst_fx.options import MstOptions
+from mst_fx.tracing.restored_attributes import mark_mst_backend
 
 
 def compile(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None, **options) -> nn.Module:
@@ -37,6 +38,7 @@ def compile(model: nn.Module, *, dynamic: bool | None = None, mode: str | None =
         raise TypeError(f"mst_fx.compile takes an nn.Module, got {type(model).__name__}")
     configured = MstOptions.from_mapping(options)
 
+    @mark_mst_backend
     def mst(gm: fx.GraphModule, example_inputs, options=None, mode=None):
         return compile_graph(gm, example_inputs, configured, mode, model_training=model.training)
 

@@ -23,6 +23,7 @@ from mst_fx.passes.lm_head import dropped_logits_outputs
 from mst_fx.passes.returned_logits import deferred_outputs
 from mst_fx.runtime.deferred_logits import defer_outputs
 from mst_fx.runtime.dropped_logits import mark_outputs
+from mst_fx.tracing import restored_attributes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def _skip_transformers_warning_once() -> None:
 
 _skip_transformers_warning_once()
 
+
+@restored_attributes.mark_mst_backend
 def mst_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
     """The entry point `torch.compile(backend="mst")` calls; `options` come from torch.compile."""
     return compile_graph(gm, example_inputs, MstOptions.from_mapping(options), mode)
@@ -53,6 +56,7 @@ def backend(**options):
     """The `mst` backend with these options, validated now (a bad one raises ValueError)."""
     configured = MstOptions.from_mapping(options)
 
+    @restored_attributes.mark_mst_backend
     def mst(gm: fx.GraphModule, example_inputs, options=None, mode=None):
         if options:
             raise ValueError("mst_fx.backend(...) is already configured; pass options to it, not to torch.compile")

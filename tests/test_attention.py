@@ -15,6 +15,7 @@ from torch import nn
 
 import mst_fx
 from mst_fx.models import enable_checkpointing, random_batch, tiny_llama
+from mst_fx.tracing.restored_attributes import mark_mst_backend
 
 from conftest import assert_parity, rewritten_kinds, skipped_reasons
 
@@ -73,6 +74,7 @@ def test_no_n_by_n_tensor_is_left_in_the_graph(checkpointing):
     ids, labels = random_batch(VOCAB, 2, TOKENS)
     graphs = []
 
+    @mark_mst_backend  # as the mst backend traces: restored attributes stay in checkpointed layers
     def capture(gm, example_inputs):
         rewritten, _ = mst_fx.rewrite(gm, example_inputs, mst_fx.MstOptions(chunk_size=8))
         graphs.append(rewritten)

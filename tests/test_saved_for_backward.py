@@ -15,11 +15,13 @@ from torch import fx
 import mst_fx
 from mst_fx.dynamo_backend import hand_off
 from mst_fx.models import MLPStack, random_batch
+from mst_fx.tracing.restored_attributes import mark_mst_backend
 
 
 def dynamo_graph(model, *inputs):
     captured = []
 
+    @mark_mst_backend  # as the mst backend traces: restored attributes stay in checkpointed layers
     def capture(gm, example_inputs):
         captured.append((gm, example_inputs))
         return gm.forward

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from mst_fx.passes import PassOptions, rewrite
+from mst_fx.tracing.restored_attributes import mark_mst_backend
 
 from .model_report import InspectedGraph, ModelReport
 
@@ -27,6 +28,7 @@ def dry_run(model, example_inputs: tuple, example_kwargs: dict | None, options: 
     as a training step does. Raises what the model raises."""
     graphs: list[InspectedGraph] = []
 
+    @mark_mst_backend
     def inspecting_backend(gm: fx.GraphModule, inputs):
         rewritten, report = rewrite(gm, inputs, options)
         graphs.append(InspectedGraph(report, gm.code, rewritten.code))
