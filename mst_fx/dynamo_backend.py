@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mst_fx.inspect.compiled_reports import record_report
+from mst_fx.inspect.compiled_reports import record_graph, record_report
 from mst_fx.options import MstOptions
 from mst_fx.passes import GraphReport, rewrite
 from mst_fx.passes.lm_head import dropped_logits_outputs
@@ -67,6 +67,7 @@ def backend(**options):
 
 def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None, model_training=None):
     """`model_training`: the compiled model's `training` flag when known (`mst_fx.compile`), else None."""
+    record_graph(gm)
     rewritten, report = rewrite(gm, example_inputs, options, model_training)
     try:
         compiled = hand_off(rewritten, example_inputs, options.compiler, mode)

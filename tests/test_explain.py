@@ -111,7 +111,7 @@ def test_json_round_trips_with_the_documented_keys():
     data = json.loads(to_json(report))
     assert ModelReport.from_dict(data) == report
     assert ModelReport.from_dict(data).to_dict() == data
-    assert set(data) == {"format", "target", "options", "estimate_method", "estimated_peak_bytes", "graphs"}
+    assert set(data) == {"format", "target", "options", "estimate_method", "estimated_peak_bytes", "graphs", "graph_breaks"}
     (graph,) = data["graphs"]
     assert set(graph) == {"compile_id", "blocks", "counted", "estimated_peak_bytes", "sites"}
     assert set(graph["sites"][0]) == {

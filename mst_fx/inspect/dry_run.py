@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from mst_fx.passes import PassOptions, rewrite
+from mst_fx.tracing.graph_breaks import GraphBreakMonitor
 from mst_fx.tracing.restored_attributes import mark_mst_backend
 
 from .model_report import InspectedGraph, ModelReport
@@ -27,9 +28,11 @@ def dry_run(model, example_inputs: tuple, example_kwargs: dict | None, options: 
     `options` (the backend's, a dataclass: the report records them). Runs with gradients enabled,
     as a training step does. Raises what the model raises."""
     graphs: list[InspectedGraph] = []
+    graph_breaks = GraphBreakMonitor()
 
     @mark_mst_backend
     def inspecting_backend(gm: fx.GraphModule, inputs):
+        graph_breaks.graph_compiled(gm)
         rewritten, report = rewrite(gm, inputs, options)
         graphs.append(InspectedGraph(report, gm.code, rewritten.code))
         log.debug(
@@ -47,7 +50,7 @@ def dry_run(model, example_inputs: tuple, example_kwargs: dict | None, options: 
         raise RuntimeError(
             "Dynamo compiled no graph for this call (already at its recompile limit? torch._dynamo.reset() clears it)"
         )
-    return ModelReport(graphs, dataclasses.asdict(options), target)
+    return ModelReport(graphs, dataclasses.asdict(options), target, graph_breaks.breaks())
 
 
 def _on_model_device(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

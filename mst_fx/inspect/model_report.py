@@ -50,6 +50,13 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                                the traced code names them, e.g. "logps (gather)" (null for other kinds)
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
+    graph_breaks           list, each a graph break Dynamo met while tracing (`mst_fx.tracing.graph_breaks`):
+      where                  the user code at which Dynamo cut its graph, "file.py:line in function"
+      cause                  the innermost user code it could not trace (or "the whole frame f")
+      reason, explanation    Dynamo's reason (its first line) and its explanation
+      outside                the code below `where` ran in no graph mst saw: its sites were not seen and
+                             are not in the estimate
+      count                  how often Dynamo met it
 
 `ModelReport.from_dict` reads the fields back and recomputes the derived figures; the graphs' code
 (`code_before`, `code_after`) is not part of the JSON.
@@ -62,6 +69,7 @@ import dataclasses
 from typing import Any
 
 from mst_fx.passes.report import GraphReport, SiteReport
+from mst_fx.tracing.graph_breaks import GraphBreak
 
 from .memory_estimate import METHOD, PeakEstimate, estimate_peak, estimate_site
 from .report_format import to_table
@@ -89,6 +97,7 @@ class ModelReport:
     graphs: list[InspectedGraph]
     options: dict[str, Any] | None = None
     target: str | None = None
+    graph_breaks: list[GraphBreak] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         """The table `mst-inspect` prints."""
@@ -97,6 +106,11 @@ class ModelReport:
     @property
     def sites(self) -> list[SiteReport]:
         return [s for g in self.graphs for s in g.report.sites]
+
+    @property
+    def code_outside(self) -> list[GraphBreak]:
+        """The graph breaks whose code ran in no graph mst saw: sites there were never found."""
+        return [b for b in self.graph_breaks if b.outside]
 
     @property
     def counted_graphs(self) -> list[InspectedGraph]:
@@ -134,6 +148,7 @@ class ModelReport:
             "estimate_method": METHOD,
             "estimated_peak_bytes": self.estimate.to_dict(),
             "graphs": [_graph_dict(g, i in counted) for i, g in enumerate(self.graphs)],
+            "graph_breaks": [b.to_dict() for b in self.graph_breaks],
         }
 
     @classmethod
@@ -141,7 +156,8 @@ class ModelReport:
         if data.get("format") != FORMAT:
             raise ValueError(f"not an mst-fx report: format {data.get('format')!r}, expected {FORMAT!r}")
         graphs = [InspectedGraph(GraphReport.from_dict(g)) for g in data["graphs"]]
-        return cls(graphs, data.get("options"), data.get("target"))
+        breaks = [GraphBreak.from_dict(b) for b in data.get("graph_breaks", [])]
+        return cls(graphs, data.get("options"), data.get("target"), breaks)
 
 
 def _replaces(later: set[str], earlier: set[str]) -> bool:

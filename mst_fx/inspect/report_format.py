@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # for annotations only: `ModelReport.__str__` calls this modu
 
 SITE_COLUMNS = ["module", "kind", "N x d -> W", "chunks x tokens", "largest before", "largest after", "left alone because"]
 TOTAL_COLUMNS = ["graph", "sites", "rewritten", "est. peak before", "est. peak after", "est. saving"]
+BREAK_COLUMNS = ["graph cut at", "cause", "Dynamo's reason", "ran outside every graph", "times"]
 
 
 def human_bytes(count: int | None) -> str:
@@ -45,7 +46,23 @@ def to_table(report: ModelReport) -> str:
     if unknown:
         method += f" Not counted: {unknown} site(s) left alone before their shapes were read."
     parts.append(textwrap.fill(method, width=110))
+    if report.graph_breaks:
+        parts.append(_graph_breaks(report))
     return "\n\n".join(parts)
+
+
+def _graph_breaks(report: ModelReport) -> str:
+    """Dynamo's graph breaks, and what code ran outside every graph (so mst never saw it)."""
+    outside = len(report.code_outside)
+    summary = f"Dynamo graph breaks: {len(report.graph_breaks)}"
+    if outside:
+        summary += (
+            f", {outside} where code ran outside every graph: the MLPs, LM heads and attention masks in that code "
+            "were not seen, so they are not rewritten and not in the estimate."
+        )
+    rows = [[b.where, b.cause, b.reason, "yes" if b.outside else "no", str(b.count)] for b in report.graph_breaks]
+    table = tabulate(rows, headers=BREAK_COLUMNS, tablefmt="github", disable_numparse=True)
+    return textwrap.fill(summary, width=110) + "\n\n" + table
 
 
 def _heading(report: ModelReport) -> str:
