@@ -58,8 +58,46 @@ def assert_parity(
     return rewritten_kinds()
 
 
-def rewritten_kinds() -> collections.Counter:
-    return collections.Counter(s.kind for r in mst_fx.compiled_reports() for s in r.rewritten())
+class SiteCounts(collections.Counter):
+    """How many sites of each kind mst rewrote, with what mst and Dynamo said meanwhile: a failed
+    comparison prints it (`pytest_assertrepr_compare`), so that when a new upstream release breaks
+    a rewrite, the failure names the cause (a graph break and where, a site's reason), not a count."""
+
+    causes: list[str]
+
+
+def rewritten_kinds() -> SiteCounts:
+    counts = SiteCounts(s.kind for r in mst_fx.compiled_reports() for s in r.rewritten())
+    counts.causes = what_mst_said()
+    return counts
+
+
+def what_mst_said() -> list[str]:
+    """The versions, Dynamo's graph breaks and the sites left alone, for an assertion's message."""
+    import importlib.metadata as metadata
+
+    report = mst_fx.last_report()
+    versions = []
+    for package in ("torch", "transformers", "kernels"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    lines = [", ".join(versions)]
+    lines += [f"graph break: {b.describe()}" for b in report.graph_breaks]
+    lines += [f"left alone: {s.kind} at {s.location}: {s.reason}" for s in report.sites if not s.rewritten]
+    return lines
+
+
+def pytest_assertrepr_compare(op, left, right):
+    counts = left if isinstance(left, SiteCounts) else right if isinstance(right, SiteCounts) else None
+    if op != "==" or counts is None:
+        return None
+    return [
+        f"rewritten sites: {dict(left)} == {dict(right)}",
+        "what mst and Dynamo said (the cause, when a new upstream release changed the traced graph):",
+        *(f"  {line}" for line in counts.causes),
+    ]
 
 
 def skipped_reasons() -> list[str]:
