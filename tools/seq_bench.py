@@ -64,6 +64,8 @@ class Probe:
     step_s: float | None
     wall_s: float  # the whole child: start, compile, warm-up and measured step
     note: str = ""  # "over budget" / "timed out"
+    rewritten: dict | None = None  # mst: sites rewritten per kind (step_runner.RunResult)
+    graph_breaks: int | None = None  # compiled variants: distinct graph breaks Dynamo met
 
 
 @dataclasses.dataclass
@@ -130,7 +132,8 @@ def run_probe(args, variant: str, tokens: int) -> Probe:
         return Probe(tokens, False, None, None, time.perf_counter() - start, "timed out")
     fits = result.peak_mb <= args.budget_mb
     note = "" if fits else "over budget (peak)"
-    return Probe(tokens, fits, result.peak_mb, result.step_s, time.perf_counter() - start, note)
+    wall_s = time.perf_counter() - start
+    return Probe(tokens, fits, result.peak_mb, result.step_s, wall_s, note, result.rewritten, result.graph_breaks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,11 +244,21 @@ def max_length_table(searches: list[Search]) -> str:
             _ratio(s.max_tokens, base),
             "-" if s.first_failing is None else str(s.first_failing),
             "-" if at_max is None else f"{at_max.peak_mb:.0f}",
+            _sites(at_max),
+            "-" if at_max is None or at_max.graph_breaks is None else str(at_max.graph_breaks),
             len(s.probes),
             f"{sum(p.wall_s for p in s.probes):.0f}",
         ])  # fmt: skip
-    headers = ["variant", "max tokens", "max / inductor", "shortest over", "peak MB at max", "probes", "search s"]
+    headers = ["variant", "max tokens", "max / inductor", "shortest over", "peak MB at max", "rewritten at max",
+               "graph breaks", "probes", "search s"]  # fmt: skip
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _sites(probe: Probe | None) -> str:
+    """The sites mst rewrote in the probe's step, per kind: "mlp gated 8, attention 1, lm_head 1"."""
+    if probe is None or probe.rewritten is None:
+        return "-"
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(probe.rewritten.items())) or "none"
 
 
 # ---------------------------------------------------------------- throughput

@@ -62,6 +62,9 @@ class RunResult:
     step_s: float  # mean wall time of the measured steps
     losses: list[float]  # every step's loss, warm-up included
     warmup_s: float | None = None  # wall time of the warm-up step: compilation and one step
+    rewritten: dict | None = None  # mst: sites rewritten per kind, as one step runs them (last_report)
+    graph_breaks: int | None = None  # compiled variants: the distinct graph breaks Dynamo met
+    code_outside: int | None = None  # mst: of those, how many ran code outside every graph mst saw
 
 
 class OverBudget(RuntimeError):
@@ -71,7 +74,8 @@ class OverBudget(RuntimeError):
 def run_in_child(spec: RunSpec, timeout: float | None = None, cold: bool = False) -> RunResult:
     """`cold`: the child gets an empty Inductor cache, so its warm-up is a first compile."""
     result = run_script_in_child(os.path.abspath(__file__), dataclasses.asdict(spec), timeout, spec.variant, cold)
-    return RunResult(spec, result["peak_mb"], result["step_s"], result["losses"], result.get("warmup_s"))
+    counted = ("warmup_s", "rewritten", "graph_breaks", "code_outside")
+    return RunResult(spec, result["peak_mb"], result["step_s"], result["losses"], **{k: result.get(k) for k in counted})
 
 
 def run_script_in_child(
@@ -275,7 +279,10 @@ def _ending_on_cuda_oom(step: Callable[[], float]) -> Callable[[], float]:
 def child_main(spec: RunSpec) -> dict:
     import torch
 
+    from mst_fx.tracing.graph_breaks import GraphBreakMonitor
+
     model, (ids, labels), loss_fn = build(spec)
+    graph_breaks = GraphBreakMonitor()
     step_model = compiled(model, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3) if spec.optimizer else None
 
@@ -288,7 +295,24 @@ def child_main(spec: RunSpec) -> dict:
         return loss.item()
 
     # The warm-up compiles, and creates the optimizer state.
-    return measure(step, spec.steps, spec.device, spec.budget_mb)
+    measured = measure(step, spec.steps, spec.device, spec.budget_mb)
+    return {**measured, **what_was_compiled(spec, graph_breaks)}
+
+
+def what_was_compiled(spec: RunSpec, graph_breaks) -> dict:
+    """What a figure stands on: the sites mst rewrote and the graph breaks Dynamo met. The monitor
+    sees only mst's graphs, so for Inductor only the breaks are counted, not where code ran."""
+    if spec.variant == "eager":
+        return {}
+    if spec.variant != "mst":
+        return {"graph_breaks": len(graph_breaks.breaks())}
+    import collections
+
+    import mst_fx
+
+    report = mst_fx.last_report()
+    rewritten = collections.Counter(s.kind for s in report.counted_sites if s.rewritten)
+    return {"rewritten": dict(rewritten), "graph_breaks": len(report.graph_breaks), "code_outside": len(report.code_outside)}
 
 
 if __name__ == "__main__":
