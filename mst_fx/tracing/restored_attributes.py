@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _MARK = "mst_fx_backend"
 _state = threading.local()  # .deferring: how many deferred-check scopes (HOP bodies) are open
+_given_up = False  # set when Dynamo's internals differ from what this reads: Dynamo's rule then decides
 
 
 def mark_mst_backend(backend):
@@ -104,22 +105,25 @@ def _token(value, attribute_source) -> Any:
     return _Same(value)
 
 
-def _record(side_effects, item, name: str, value) -> bool:
-    """Record this store for the body's end-of-trace check; False to leave it to Dynamo."""
+def _record(side_effects, item, name: str, value) -> tuple | None:
+    """Record this store for the body's end-of-trace check; None to leave it to Dynamo."""
     from torch._dynamo.source import AttrSource
 
     source = getattr(item, "source", None)
     attribute_source = AttrSource(source, name) if source is not None else None
     key = (id(item), name)
     if key not in side_effects.deferred_attr_mutations:
+        # How Dynamo reads an attribute as it is before the store (torch 2.13: var_getattr; later
+        # releases: tp_getattro_impl), as its own deferred check reads it.
+        read = getattr(item, "var_getattr", None) or item.tp_getattro_impl
         try:
-            before = item.var_getattr(side_effects.output_graph_weakref().current_tx, name)
+            before = read(side_effects.output_graph_weakref().current_tx, name)
         except NotImplementedError:
-            return False
+            return None
         side_effects.deferred_attr_mutations[key] = (_token(before, attribute_source), None)
     original = side_effects.deferred_attr_mutations[key][0]
-    side_effects.deferred_attr_mutations[key] = (original, _token(value, attribute_source))
-    return True
+    side_effects.deferred_attr_mutations[key] = record = (original, _token(value, attribute_source))
+    return record
 
 
 def _takes_over(side_effects, item) -> bool:
@@ -142,12 +146,12 @@ def _takes_over(side_effects, item) -> bool:
 
 def _patched_store_attr(original_store_attr):
     def store_attr(self, item, name, value, *args, **kwargs):
-        if not (_takes_over(self, item) and _record(self, item, name, value)):
+        record = None if _given_up else _try_record(self, item, name, value)
+        if not record:
             return original_store_attr(self, item, name, value, *args, **kwargs)
         # Recorded for the end-of-body check: store it as Dynamo stores a deferred one, and keep
         # our record where Dynamo's own deferral (constant values) writes its own over it.
         key = (id(item), name)
-        record = self.deferred_attr_mutations[key]
         self.check_allowed_side_effect = lambda _item: True
         try:
             return original_store_attr(self, item, name, value, *args, **kwargs)
@@ -157,6 +161,25 @@ def _patched_store_attr(original_store_attr):
 
     store_attr.mst_fx_original = original_store_attr
     return store_attr
+
+
+def _try_record(side_effects, item, name: str, value) -> tuple | None:
+    try:
+        return _record(side_effects, item, name, value) if _takes_over(side_effects, item) else None
+    except Exception as error:  # Dynamo's internals moved: its own rule decides, as without mst
+        _give_up(error)
+        return None
+
+
+def _give_up(error: Exception) -> None:
+    global _given_up
+    _given_up = True
+    log.warning(
+        "mst: this torch's Dynamo differs from what mst reads (%s: %s); inside checkpointed layers, attributes "
+        "set and restored are left to Dynamo, which breaks the graph there",
+        type(error).__name__,
+        error,
+    )
 
 
 def _patched_defer(original_defer):
