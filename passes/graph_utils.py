@@ -107,12 +107,20 @@ def match_linear(node) -> Linear | None:
 _MATMUL_FNS = {operator.matmul, torch.matmul}
 
 
+# `W.T` and `W.mT` as Dynamo writes them since torch 2.15 (before: getattr(W, "T")).
+_ATEN_TRANSPOSES = {
+    op for name in ("numpy_T", "mT") if (packet := getattr(torch.ops.aten, name, None)) is not None
+    for op in (packet, getattr(packet, "default", packet))
+}  # fmt: skip
+
+
 def _transposed_weight(node) -> fx.Node | None:
     """W for `W.T`, `W.t()` or `W.transpose(0, 1)` of a 2-D W; None for anything else."""
     if not isinstance(node, fx.Node) or len(node.args) < 1 or len(shape_of(node.args[0]) or ()) != 2:
         return None
     is_t = (
         (is_call(node, {getattr}) and node.args[1:] in (("T",), ("mT",)))
+        or (is_call(node, _ATEN_TRANSPOSES) and len(node.args) == 1)
         or (is_call(node, {torch.t}, ("t",)) and len(node.args) == 1)
         or (
             is_call(node, {torch.transpose}, ("transpose",))
