@@ -9,12 +9,15 @@ sets a module-level holder to a dict around every attention layer's forward and 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import assert_parity, loss_of
 
 import mst_fx
 from mst_fx.models import MLPStack, SwiGLU, random_batch
+from mst_fx.tracing import restored_attributes
 
 VOCAB = 500
 
@@ -117,3 +120,19 @@ def test_other_backends_keep_dynamos_rule():
     met = [*counters["graph_break"], *counters["unimplemented"]]  # a break, or the whole frame given up
     assert any("Unsafe side effect" in reason for reason in met), met
     assert (STATE.active, STATE.compiling) == (None, False)
+
+
+def test_where_dynamo_differs_the_store_is_left_to_dynamo(monkeypatch, caplog):
+    """A torch whose Dynamo internals moved (as torch 2.15 renamed the attribute reader): the trace
+    must not fail. The rule steps aside with one WARNING, and Dynamo breaks the graph as without mst."""
+
+    def moved(*args):
+        raise AttributeError("'UserDefinedObjectVariable' object has no attribute 'var_getattr'")
+
+    monkeypatch.setattr(restored_attributes, "_record", moved)
+    monkeypatch.setattr(restored_attributes, "_given_up", False)
+    inputs = random_batch(VOCAB, batch=2, tokens=37)
+    kinds = assert_parity(checkpointed(RestoresInFinally), loss_of, inputs, chunks=4)
+    assert "mlp gated" not in kinds and mst_fx.last_report().code_outside
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "differs" in r.getMessage()]
+    assert len(warned) == 1 and "var_getattr" in warned[0]
