@@ -314,12 +314,14 @@ def throughput_table(measured: dict, lengths: list[int], variants: list[str]) ->
 
 def header(args, extra: str) -> str:
     import torch
+    import transformers
 
     return (
         f"model=llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} "
         f"vocab={args.vocab} batch=1 device={args.device} dtype={args.dtype} "
         f"attention_mask={'all ones' if args.attention_mask else 'none'} {extra} torch={torch.__version__} "
-        f"machine={platform.machine()} cores={len(__import__('os').sched_getaffinity(0))}"
+        f"transformers={transformers.__version__} machine={platform.machine()} "
+        f"cores={len(__import__('os').sched_getaffinity(0))}"
     )
 
 
