@@ -15,6 +15,7 @@ module imports one of a folder above its own:
     explain_model.py  mst_fx.explain(model) and `mst-inspect`
     passes/           the graph rewrites (shipped from the repository's `passes/`)
     runtime/          what a rewritten site runs
+    tracing/          how Dynamo traces the model for mst: restored attributes, graph breaks
     inspect/          reports, memory estimates, the CLI
     models/           small built-in models for the demo, the benchmarks and the tests
 """
