@@ -52,11 +52,12 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
     graph_breaks           list, each a graph break Dynamo met while tracing (`mst_fx.tracing.graph_breaks`):
       where                  the user code at which Dynamo cut its graph, "file.py:line in function"
-      cause                  the innermost user code it could not trace (or "the whole frame f")
+      cause                  the innermost code it could not trace, "file.py:line in function"
       reason, explanation    Dynamo's reason (its first line) and its explanation
       outside                the code below `where` ran in no graph mst saw: its sites were not seen and
                              are not in the estimate
       count                  how often Dynamo met it
+      whole_frame            Dynamo gave up on the frame at `where` as a whole
 
 `ModelReport.from_dict` reads the fields back and recomputes the derived figures; the graphs' code
 (`code_before`, `code_after`) is not part of the JSON.

@@ -57,8 +57,8 @@ def _graph_breaks(report: ModelReport) -> str:
     summary = f"Dynamo graph breaks: {len(report.graph_breaks)}"
     if outside:
         summary += (
-            f", {outside} where code ran outside every graph: the MLPs, LM heads and attention masks in that code "
-            "were not seen, so they are not rewritten and not in the estimate."
+            f", {outside} where code ran outside every graph: any MLP, LM head or attention mask in that code "
+            "was not seen, so it is not rewritten and not in the estimate."
         )
     rows = [[b.where, b.cause, b.reason, "yes" if b.outside else "no", str(b.count)] for b in report.graph_breaks]
     table = tabulate(rows, headers=BREAK_COLUMNS, tablefmt="github", disable_numparse=True)

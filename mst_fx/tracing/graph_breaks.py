@@ -82,22 +82,22 @@ class GraphBreakMonitor:
         self._announced: set[tuple[str, str]] = set()  # logged once per monitor (the backend keeps one)
         self._unseen(_dynamo_records())  # what happened before is not ours
 
-    def graph_compiled(self, gm: torch.fx.GraphModule) -> list[GraphBreak]:
+    def graph_compiled(self, gm: torch.fx.GraphModule) -> None:
         """Note the user code behind `gm`'s nodes (code that ran in a graph of ours), then decide the
-        breaks Dynamo met since the last look; returns those decided now."""
+        breaks Dynamo met since the last look."""
         for module in gm.modules():
             if isinstance(module, torch.fx.GraphModule):  # checkpoint bodies too
                 for node in module.graph.nodes:
                     for filename, line in _STACK_LINE.findall(node.meta.get("stack_trace") or ""):
                         self._traced_lines.setdefault(filename, set()).add(int(line))
-        return self._poll(cutting=getattr(gm, "compile_subgraph_reason", None))
+        self._poll(cutting=getattr(gm, "compile_subgraph_reason", None))
 
     def breaks(self) -> list[GraphBreak]:
         """Every break so far, each decided."""
         self._poll(cutting=None)
         return list(self._breaks.values())
 
-    def _poll(self, cutting) -> list[GraphBreak]:
+    def _poll(self, cutting) -> None:
         # The break that cut the graph being compiled now has not run its call yet: the frames
         # below it are compiled after this graph, so it is decided at the next look.
         decided = [self._decide(brk, below) for brk, below in self._pending]
@@ -109,7 +109,6 @@ class GraphBreakMonitor:
             else:
                 decided.append(self._decide(brk, below))
         self._announce(decided)
-        return decided
 
     def _unseen(self, records: Iterable[Any]) -> list[Any]:
         new = [r for r in records if self._seen.get(id(r)) is not r]
