@@ -25,6 +25,8 @@ class MstOptions:
     chunks:      "auto", or a fixed number of chunks M >= 1 for every site (the chunk size then
                  follows the length). Give chunk_size or chunks, not both.
     mlp:         rewrite linear -> activation -> linear blocks.
+    experts:     rewrite the routed experts of mixture-of-experts layers (top-k routing per token,
+                 dispatch, expert matmuls, combine) into a loop over chunks of tokens.
     lm_head:     rewrite linear -> cross_entropy, and linear -> values kept per token (log-probs,
                  entropies; see passes/token_head.py): the logits are never materialised.
     attention:   give SDPA calls whose mask is provably causal `is_causal=True` and no mask (with
@@ -40,6 +42,7 @@ class MstOptions:
     chunk_size: int | str = "auto"
     chunks: int | str = "auto"
     mlp: bool = True
+    experts: bool = True
     lm_head: bool = True
     attention: bool = True
     keep_logits: bool = False
@@ -56,7 +59,7 @@ class MstOptions:
                 f"mst options 'chunk_size' ({self.chunk_size}) and 'chunks' ({self.chunks}) both fix the "
                 "chunking; give one of them"
             )
-        for name in ("mlp", "lm_head", "attention", "keep_logits"):
+        for name in ("mlp", "experts", "lm_head", "attention", "keep_logits"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"mst option {name!r} must be True or False, got {value!r}")

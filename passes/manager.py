@@ -2,17 +2,21 @@
 
 1. `attention.py`: an SDPA whose mask is provably causal gets `is_causal=True` and no mask (under
    a runtime choice on the padding when there may be some), in the graph and its checkpoint bodies.
-2. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
+2. `moe_experts.py`: a mixture-of-experts layer's routed experts (top-k routing per token, dispatch,
+   expert matmuls, combine) become `ChunkedExperts` (recompute per chunk in backward), in the graph
+   and in its checkpoint bodies. It runs before the MLP pass, whose linears a loop over per-expert
+   MLP modules would otherwise claim one expert at a time; shared experts stay MLP sites.
+3. `mlp.py`: linear -> activation -> linear becomes `ChunkedMLP` (recompute per chunk in backward),
    in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
-3. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
+4. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
    `token_head.py`: a head whose logits reduce, row by row, to values kept per token (log-probs,
    entropies, unreduced cross-entropy) becomes `ChunkedLinearRows` (recompute in backward). It runs
    after `lm_head.py`, which takes the heads whose loss is a scalar in the graph (the cheaper site).
-4. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
+5. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
    computed outside) is taken out; the caller gets `DeferredLogits`, which chunk the loss there.
 
 No two claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
-cross_entropy or in the graph's output, attention is SDPA and its mask). The heads (3, 4) are
+cross_entropy or in the graph's output, attention is SDPA and its mask). The heads (4, 5) are
 matched before the MLPs, so that the MLP pass's report of widening linears leaving the graph (an
 MLP cut in two) leaves out the heads reported already; the report keeps the order of the forward,
 where the mask is built before the first layer and the head comes last. Every site is matched
@@ -35,6 +39,7 @@ from .checkpoint_bodies import checkpoint_bodies
 from .graph_utils import copy_graph_module, names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
 from .mlp import CUT_REASON, find_mlp_sites, rewrite_mlp_site
+from .moe_experts import find_expert_sites, rewrite_expert_site
 from .report import GraphReport, SiteReport
 from .returned_logits import find_returned_heads, rewrite_returned_head
 from .token_head import find_token_head_sites, rewrite_token_head_site
@@ -56,6 +61,9 @@ class PassOptions(SiteOptions, Protocol):
 
     @property
     def attention(self) -> bool: ...
+
+    @property
+    def experts(self) -> bool: ...
 
     @property
     def keep_logits(self) -> bool: ...
@@ -95,6 +103,11 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_
     training = is_training(example_inputs)
     if options.attention:
         report.sites += _rewrite_attention(gm, bodies)
+    experts = []
+    if options.experts:
+        experts += _rewrite_experts(gm, options, checkpointed=False)
+        for body in bodies:
+            experts += _rewrite_experts(body, options, checkpointed=True)
     heads, reported = [], set()
     if options.lm_head:
         logits = "keep" if options.keep_logits else "eval mode" if model_training is False else "drop"
@@ -106,7 +119,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_
         report.sites += _rewrite_mlps(gm, options, checkpointed=False, training=training, reported=reported)
         for body in bodies:
             report.sites += _rewrite_mlps(body, options, checkpointed=True)
-    report.sites += heads
+    report.sites += experts + heads
     gm.graph.lint()
     gm.recompile()
     return report
@@ -162,6 +175,19 @@ def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list
         body.graph.lint()
         body.recompile()
     return [s.report for s in sites]
+
+
+def _rewrite_experts(gm: fx.GraphModule, options: PassOptions, checkpointed: bool) -> list[SiteReport]:
+    sites, skipped = find_expert_sites(gm, options.policy)
+    for index, site in enumerate(sites):
+        rewrite_expert_site(gm, site, index, options)
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    reports = [s.report for s in sites] + skipped
+    for report in reports:
+        report.checkpointed = checkpointed
+    return reports
 
 
 def _rewrite_mlps(

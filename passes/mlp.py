@@ -33,6 +33,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from mst_fx.runtime.chunk_plan import ChunkPolicy
 from mst_fx.runtime.chunked_ops import ChunkedMLP, MLPForm
@@ -90,6 +91,8 @@ def find_mlp_sites(gm: fx.GraphModule, policy: ChunkPolicy, training: bool = Fal
             continue
         try:
             site = _match_mlp(down)
+        except GuardOnDataDependentSymNode:  # sizes from nonzero: a loop over experts (the experts pass reports it)
+            continue
         except CantChunk as why:
             skipped.append(SiteReport("mlp", module_path(down.weight), False, str(why)))
             covered.update(down.nodes)

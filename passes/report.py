@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class SiteReport:
-    kind: str  # "mlp gated", "mlp fused", "mlp plain", "lm_head", "lm_head per-token" or "attention" (one per mask)
+    kind: str  # "mlp gated", "mlp fused", "mlp plain", "moe experts", "lm_head", "lm_head per-token" or "attention" (one per mask)
     location: str  # owning module, recovered from parameter names, e.g. "model.layers.0.mlp"
     rewritten: bool
     reason: str | None = None  # why the site was left alone
@@ -20,13 +20,15 @@ class SiteReport:
     chunk_rows: int | None = None  # tokens in the largest chunk, at the traced length
     tokens: int | None = None  # N (a size hint when symbolic)
     in_width: int | None = None  # d
-    amplified_width: int | None = None  # I or V
+    amplified_width: int | None = None  # I or V; moe experts: elements per token of the largest dispatch tensor
     itemsize: int | None = None
     logits_returned: bool | None = None  # lm_head: the graph also returns the N x V logits (None: not read)
     loss_outside: bool | None = None  # lm_head: the logits leave the graph for a loss computed outside it
     checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
     calls: int | None = None  # attention: the SDPA calls that take this mask (one per layer)
     token_outputs: list[str] | None = None  # lm_head per-token: the values kept per token, "name (op)"
+    experts: int | None = None  # moe experts: routed experts in the layer
+    top_k: int | None = None  # moe experts: experts per token
 
     @property
     def has_shapes(self) -> bool:

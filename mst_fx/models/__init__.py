@@ -3,6 +3,8 @@
     mlp_stack.py     `MLPStack`: embedding, MLP blocks, head and loss, nothing else
     causal_lms.py    tiny Hugging Face causal LMs (`tiny_llama`, `tiny_gpt2`) and `random_batch`
     grpo.py          a GRPO step as TRL writes it (`mst-inspect mst_fx.models:grpo_llama`), TRL's loops
+    moe_layers.py    mixture-of-experts blocks as model code writes them: a loop over expert modules,
+                     a capacity-limited and an expert-choice one (not row-wise), and `MoEStack`
     tiny_configs.py  a tiny config for any Hugging Face causal-LM family (`mst-inspect mistral`)
 
 Nothing is downloaded. These import torch and transformers only, nothing else of mst_fx: the
