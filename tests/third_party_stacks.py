@@ -201,3 +201,99 @@ def build_litgpt(
 
 
 BUILDERS = {"torchtitan": build_torchtitan, "litgpt": build_litgpt}
+
+
+# ---------------------------------------------------------------- torchtitan 0.3.0, Qwen3-MoE
+
+
+def build_torchtitan_moe(
+    tokens: int, vocab: int = 2000, dtype: torch.dtype = torch.float32, *, seed: int = 0, loss: str = "ce",
+    **sizes: int,
+) -> Stack:  # fmt: skip
+    """torchtitan's Qwen3Model with MoE blocks (the "debugmodel_moe" / "30B-A3B" flavours' layout)
+    at tiny widths, run as Trainer.__init__ / `_forward_backward_body` run it, like build_torchtitan.
+
+    sizes (defaults): dim 64, layers 2, heads 4, kv_heads 2, head_dim 16, experts 8, top_k 2,
+    moe_hidden 32. Every block is an MoE block, as in all registered Qwen3-MoE flavours. dim and
+    moe_hidden must be multiples of 8: torch._grouped_mm needs 16-byte strides in bf16.
+    dtype: the parameters' dtype (float32, or bfloat16 standing in for FSDP2's
+    `param_dtype=mixed_precision_param`, which parallelize_qwen3 -> apply_fsdp_to_decoder sets;
+    buffers stay float32 as FSDP leaves them). `loss` as in build_torchtitan ("ce" or "chunked";
+    the registered qwen3 trainer configs, qwen3_moe_debug and qwen3_30b_a3b, use "chunked").
+
+    Mirrors (torchtitan 0.3.0):
+      torchtitan/models/qwen3/__init__.py `_build_qwen3_moe_layers`, `_debugmodel_moe`, `_30b_a3b`
+        (Qwen3TransformerBlock with qk_norm, CosSinRoPE; router softmax + route_norm; inits
+        `_LINEAR_INIT`, `_residual_output_init`, `_moe_experts_init`; comm_backend "standard");
+      torchtitan/models/common/config_utils.py `make_moe_config` (load_balance_coeff 1e-3),
+        `make_router_config`, `make_routed_experts_config` (GroupedExperts + AllToAllTokenDispatcher,
+        which with EP=1 (ep_mesh None) falls back to `LocalTokenDispatcher.dispatch/combine`);
+      torchtitan/models/common/moe.py `MoE.forward`: `TokenChoiceTopKRouter` (gate under
+        autocast(float32), softmax, topk(sorted=False) on scores + expert_bias_E, gather, normalise),
+        routing-map scatter_ -> tokens per expert, `tokens_per_expert_E.add_` (no_grad, training);
+        `RoutedExperts`: argsort(stable) dispatch, `GroupedExperts.forward` = three
+        `torch._grouped_mm(x.bfloat16(), w.bfloat16().transpose(-2, -1), offs=cumsum(counts))`
+        (always bf16, output `.type_as(x)`; the default and only experts path in 0.3.0: there is no
+        for-loop fallback / use_grouped_mm flag / padding in the EP=1 path; it runs on CPU in
+        torch 2.13), combine = fp32 score multiply + `torchtitan::deterministic_scatter_add`
+        (torchtitan/ops/scatter_add.py custom op);
+      torchtitan/models/qwen3/parallelize.py `parallelize_qwen3` -> distributed/compile.py
+        `apply_compile`: sets `torch._dynamo.config.capture_scalar_outputs = True` and
+        `skip_fwd_side_effects_in_bwd_under_checkpoint = True`, then
+        `block.compile(backend=..., fullgraph=True)` per whole TransformerBlock (MoE included).
+    No auxiliary loss: torchtitan balances experts aux-loss-free; `register_moe_load_balancing_hook`
+    (components/optimizer/optimizer.py, the flavour's post_optimizer_build_fn) updates expert_bias_E
+    from tokens_per_expert_E in an optimizer step pre-hook, outside the model and the loss (no
+    optimizer here, so expert_bias_E stays 0 and tokens_per_expert_E accumulates across steps).
+    Attention: SDPA swapped in for FlexAttention as in build_torchtitan."""
+    import torchtitan.models.qwen3 as q3
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    if loss not in ("ce", "chunked"):
+        raise ValueError(f"loss must be 'ce' or 'chunked', not {loss!r}")
+    s = {"dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "experts": 8, "top_k": 2, "moe_hidden": 32}
+    unknown = set(sizes) - set(s)
+    if unknown:
+        raise TypeError(f"unknown sizes {sorted(unknown)}; known: {sorted(s)}")
+    s.update(sizes)
+    dim = s["dim"]
+    blocks = q3._build_qwen3_moe_layers(
+        fuse_qkv=True, n_layers=s["layers"], dim=dim, n_heads=s["heads"], n_kv_heads=s["kv_heads"],
+        head_dim=s["head_dim"], moe_hidden_dim=s["moe_hidden"], num_experts=s["experts"], top_k=s["top_k"],
+        attn_backend="flex", moe_comm_backend="standard",
+        rope=CosSinRoPE.Config(dim=s["head_dim"], max_seq_len=tokens, theta=1000000.0),
+    )  # fmt: skip
+    for block in blocks:
+        block.attention.inner_attention = ScaledDotProductAttention.Config()
+    config = q3.Qwen3Model.Config(
+        vocab_size=vocab, dim=dim, norm=q3._qwen3_norm(dim),
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=q3._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab, param_init=q3._LINEAR_INIT),
+        layers=blocks,
+    )  # fmt: skip
+    model = _torchtitan_model(config, seed)
+    if dtype != torch.float32:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.to(dtype)
+    model._skip_lm_head = loss == "chunked"  # as Trainer.__init__ sets it for ChunkedLossWrapper
+
+    def compile_model_fn(model, backend: str | None, loss_backend: str | None = "same"):
+        """As build_torchtitan's: apply_compile (fullgraph per TransformerBlock, MoE included) and
+        the loss's compile, or neither (backend None)."""
+        from torchtitan.config import CompileConfig
+        from torchtitan.distributed import ParallelDims
+        from torchtitan.distributed.compile import apply_compile
+
+        if backend:
+            one_device = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
+            apply_compile(model, compile_config=CompileConfig(enable=True, backend=backend), parallel_dims=one_device)
+        loss_compile = (backend if loss_backend == "same" else loss_backend) if backend else None
+        head_loss = _torchtitan_loss(vocab, loss, loss_compile, model.lm_head)
+        return model, _with_valid_tokens(head_loss)
+
+    seq = _random_sequence(tokens, vocab, seed)
+    inputs = {"tokens": seq[:, :-1], "positions": torch.arange(tokens).unsqueeze(0)}  # one document
+    eager_loss = _with_valid_tokens(_torchtitan_loss(vocab, loss, None, model.lm_head))
+    return Stack(model, inputs, seq[:, 1:], eager_loss, compile_model_fn)

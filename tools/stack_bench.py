@@ -31,7 +31,7 @@ from step_runner import measure, run_script_in_child
 from tabulate import tabulate
 
 VARIANTS = ("eager", "inductor", "mst", "mst+head")
-STACKS = ("torchtitan", "torchtitan-chunked", "litgpt")
+STACKS = ("torchtitan", "torchtitan-chunked", "torchtitan-moe", "litgpt")
 RTOL = 1e-4  # parity: fp32, an error up to RTOL of the largest reference value passes
 
 
@@ -64,7 +64,10 @@ def build_variant(payload: dict):
     stacks = load_stacks()
     name, variant = payload["stack"], payload["variant"]
     shape = {k: payload[k] for k in ("hidden", "layers", "vocab", "seed")}
-    if name.startswith("torchtitan"):
+    if name == "torchtitan-moe":  # Qwen3-MoE blocks: routed experts, top-2 of 8, expert width hidden / 2
+        hidden = shape.pop("hidden")
+        stack = stacks.build_torchtitan_moe(payload["tokens"], dim=hidden, moe_hidden=hidden // 2, **shape)
+    elif name.startswith("torchtitan"):
         shape["loss"] = "chunked" if name == "torchtitan-chunked" else "ce"
         stack = stacks.build_torchtitan(payload["tokens"], **shape)
     else:

@@ -1,0 +1,150 @@
+"""Routed experts of mixture-of-experts layers, chunked over tokens (passes/moe_experts.py): loss
+(aux loss included) and every gradient against eager for each expert implementation, fp32 and
+bf16, with and without activation checkpointing, each counted as a rewritten expert site; and the
+dispatches that are not row-wise, left alone with a reason that names why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mst_fx
+from mst_fx.models.moe_layers import CapacityMoE, ExpertChoiceMoE, LoopMoE, MoEStack
+from mst_fx.models import enable_checkpointing
+
+from conftest import assert_parity, skipped_reasons
+
+# 40 tokens in chunks of 16: three chunks, the last one short
+OPTIONS = {"chunk_size": 16}
+TOKENS = 40
+
+
+def qwen3_moe(implementation: str, dtype=torch.float32, layers: int = 2, router_logits: bool = True):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+        attn_implementation="sdpa", output_router_logits=router_logits, router_aux_loss_coef=0.01, norm_topk_prob=True,
+    )  # fmt: skip
+    config._experts_implementation = implementation
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config).to(dtype)
+
+
+def mixtral(dtype=torch.float32, router_logits: bool = True):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, attn_implementation="sdpa",
+        output_router_logits=router_logits, router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).to(dtype)
+
+
+def loss_and_aux(model, ids, labels):
+    """The model's loss (which adds coef x aux) plus the aux loss once more: its gradient, through
+    the router, weighs in at full strength. Without router logits: the loss alone."""
+    out = model(ids, labels=labels)
+    return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+
+def _batch(vocab=512, tokens=TOKENS):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (1, tokens), generator=g), torch.randint(0, vocab, (1, tokens), generator=g)
+
+
+def _tolerances(dtype):
+    return {} if dtype == torch.float32 else {"scaled_tol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_transformers_experts_match_eager(implementation, dtype, checkpointing):
+    # With checkpointing, transformers 5.25 records router logits by a hook that reads a ContextVar,
+    # which Dynamo can't trace: every layer then runs outside any graph (test below). The aux loss
+    # is checked without checkpointing.
+    model = qwen3_moe(implementation, dtype, router_logits=not checkpointing)
+    if checkpointing:
+        enable_checkpointing(model)
+    counts = assert_parity(model, loss_and_aux, _batch(), **_tolerances(dtype), **OPTIONS)
+    assert counts["moe experts"] == 2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+def test_mixtral_matches_eager(checkpointing):
+    model = mixtral(router_logits=not checkpointing)
+    if checkpointing:
+        enable_checkpointing(model)
+    counts = assert_parity(model, loss_and_aux, _batch(), **OPTIONS)
+    assert counts["moe experts"] == 2
+
+
+def test_router_logits_under_checkpointing_is_a_reported_graph_break():
+    """transformers 5.25 collects router logits with a hook that reads a ContextVar; Dynamo can't
+    trace that inside a checkpointed layer, so each layer runs outside every graph. Training stays
+    exact, and the report says where and why (a WARNING names the code outside)."""
+    model = mixtral(router_logits=True)
+    enable_checkpointing(model)
+    counts = assert_parity(model, loss_and_aux, _batch(), **OPTIONS)
+    assert counts["moe experts"] == 0
+    outside = mst_fx.last_report().code_outside
+    assert any("output_capturing" in b.cause for b in outside), [b.describe() for b in outside]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loop_over_expert_modules_matches_eager(dtype):
+    """Mixtral's original block: `torch.where(expert_mask[e])` per expert module, `index_add_`.
+    Captured whole only when Dynamo keeps nonzero in the graph (unbacked sizes)."""
+    torch.manual_seed(0)
+    model = MoEStack(LoopMoE).to(dtype)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        counts = assert_parity(model, lambda m, i, l: m(i, l), _batch(), **_tolerances(dtype), **OPTIONS)
+    assert counts["moe experts"] == 2
+    assert counts["mlp gated"] == 0  # the experts' MLPs are inside the expert site, not sites of their own
+
+
+def test_loop_without_nonzero_capture_is_a_reported_graph_break():
+    """By default Dynamo breaks the graph at nonzero: no graph holds a whole layer's experts, and
+    the break is reported (mst can't chunk what it never sees in one graph)."""
+    torch.manual_seed(0)
+    model = MoEStack(LoopMoE)
+    counts = assert_parity(model, lambda m, i, l: m(i, l), _batch(), **OPTIONS)
+    assert counts["moe experts"] == 0
+    causes = [b.cause + " " + b.reason for b in mst_fx.last_report().graph_breaks]
+    assert any("nonzero" in c or "Dynamic shape" in c or "dynamic" in c.lower() for c in causes), causes
+
+
+@pytest.mark.parametrize(
+    "layer, words", [(CapacityMoE, "capacity"), (ExpertChoiceMoE, "expert-choice")], ids=["capacity", "expert-choice"]
+)
+def test_dispatch_that_is_not_row_wise_is_left_alone_with_its_reason(layer, words):
+    torch.manual_seed(0)
+    model = MoEStack(layer)
+    counts = assert_parity(model, lambda m, i, l: m(i, l), _batch(), **OPTIONS)
+    assert counts["moe experts"] == 0
+    reasons = [r for r in skipped_reasons() if r.startswith("moe experts")]
+    assert len(reasons) == 2 and all(words in r for r in reasons), reasons
+
+
+def test_report_names_experts_top_k_and_chunks():
+    model = qwen3_moe("grouped_mm")
+    compiled = torch.compile(model, backend=mst_fx.backend(compiler="aot_eager", **OPTIONS))
+    loss_and_aux(compiled, *_batch()).backward()
+    sites = [s for s in mst_fx.last_report().sites if s.kind == "moe experts"]
+    assert [s.location for s in sites] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for site in sites:
+        assert (site.experts, site.top_k, site.tokens, site.chunks, site.chunk_rows) == (4, 2, TOKENS, 3, 16)
+        before, after = site.largest_intermediate_bytes
+        assert after * TOKENS == before * 16  # one chunk's dispatch instead of every token's
+
+
+def test_experts_option_turns_the_rewrite_off():
+    model = qwen3_moe("grouped_mm")
+    counts = assert_parity(model, loss_and_aux, _batch(), experts=False, **OPTIONS)
+    assert counts["moe experts"] == 0
+    with pytest.raises(ValueError, match="'experts'"):
+        mst_fx.backend(experts="yes")
