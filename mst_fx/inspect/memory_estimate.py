@@ -12,6 +12,11 @@ amplified width W (I for an MLP, V for an LM head), element size s and chunks of
     lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     max(2·c·V·s, (N+V)·d·s)
                                                 logits are returned
     attention        B·Nq·Nkv (the bool mask)   0                           0             0
+    moe experts      2·N·W·s                    1·N·W·s                     0             4·c·W·s
+
+(A routed-experts site's W is the elements per token of its largest dispatch tensor, k·2I for
+gate/up of k experts; its gathered input, activation and outputs are counted as about one more such
+tensor. A rough rule, not read off generated code as the MLP's is.)
 
 (An attention site is one mask, whatever the number of layers sharing it; its N is B·Nq rows and
 its W is Nkv. Rewritten, no mask is built for a batch without padding, the case estimated.)
@@ -54,6 +59,7 @@ _COEFFICIENTS = {
     "lm_head": (1, 0, 2),
     "lm_head per-token": (2, 1, 4),  # logits and their log-softmax kept; recompute, like an MLP
     "attention": (1, 0, 0),
+    "moe experts": (2, 1, 4),  # in units of the largest dispatch tensor (see the docstring)
 }
 
 METHOD = (
@@ -61,7 +67,7 @@ METHOD = (
     "the sites' own tensors: the rest of the model is the same with and without mst. Per site, N tokens, "
     "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
     "2NIs (plain MLP), NVs (LM head), 2NVs (per-token head: logits, log-softmax); its backward adds NIs (MLP), NVs "
-    "(per-token head) or 0 (LM head; 2NVs if the logits are returned); an attention mask keeps B Nq Nkv bytes; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain), a per-token head 4cVs; the LM head keeps (N+V)ds "
+    "(per-token head) or 0 (LM head; 2NVs if the logits are returned); an attention mask keeps B Nq Nkv bytes; routed experts keep about 2NWs and add NWs (W: elements per token of the largest dispatch tensor), 4cWs rewritten; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain), a per-token head 4cVs; the LM head keeps (N+V)ds "
     "of gradients and adds the larger of 2cVs (a chunk's logits and their gradient) and (N+V)ds (the gradients scaled in its backward). Backward runs the sites in reverse: peak = max over sites i of (kept by "
     "sites 1..i + added by site i); saving = peak before - peak after."
 )

@@ -33,6 +33,8 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
                                | "lm_head per-token" (values kept per token: log-probs, entropies, ...)
                                | "attention" (one per attention mask, shared by the SDPA calls that take it)
+                               | "moe experts" (a mixture-of-experts layer's routed experts: dispatch, expert
+                               matmuls and combine, chunked over tokens)
         location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
         rewritten              true | false
         reason                 why the site was left alone, or null
@@ -40,6 +42,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                                when dynamic: the runtime cuts each call's own length), or null
         chunk_rows             tokens in the largest of them, or null
         tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown);
+                               moe experts: W is the elements per token of the largest dispatch tensor;
                                attention: B x Nq rows, head width, Nkv, 1 (the bool mask's)
         logits_returned        lm_head: the graph also returns the N x V logits (null when not known)
         loss_outside           lm_head: the logits leave the graph for a loss computed outside it, and
@@ -48,6 +51,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         calls                  attention: the SDPA calls that take the mask (null for other kinds)
         token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
                                the traced code names them, e.g. "logps (gather)" (null for other kinds)
+        experts, top_k         moe experts: the routed experts and the experts per token (null for other kinds)
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
     graph_breaks           list, each a graph break Dynamo met while tracing (`mst_fx.tracing.graph_breaks`):

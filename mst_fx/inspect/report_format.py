@@ -81,6 +81,8 @@ def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list
     shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width}" if site.has_shapes else "-"
     if site.kind == "attention" and site.has_shapes:
         shape = f"mask {site.tokens} x {site.amplified_width}, {site.calls} calls"
+    if site.kind == "moe experts" and site.has_shapes:
+        shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width} ({site.experts} experts, top-{site.top_k})"
     kind = f"{site.kind} (checkpointed)" if site.checkpointed else site.kind
     kind = f"{kind} (loss outside)" if site.loss_outside and site.rewritten else kind
     if site.token_outputs:
