@@ -179,23 +179,20 @@ def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list
 
 def _rewrite_experts(gm: fx.GraphModule, options: PassOptions, checkpointed: bool) -> list[SiteReport]:
     sites, skipped = find_expert_sites(gm, options.policy)
-    for index, site in enumerate(sites):
-        rewrite_expert_site(gm, site, index, options)
-    if sites:
-        gm.graph.lint()
-        gm.recompile()
-    reports = [s.report for s in sites] + skipped
-    for report in reports:
-        report.checkpointed = checkpointed
-    return reports
+    return _apply(gm, sites, skipped, rewrite_expert_site, options, checkpointed)
 
 
 def _rewrite_mlps(
     gm: fx.GraphModule, options: PassOptions, checkpointed: bool, training=False, reported=frozenset()
 ) -> list[SiteReport]:
     sites, skipped = find_mlp_sites(gm, options.policy, training, reported)
+    return _apply(gm, sites, skipped, rewrite_mlp_site, options, checkpointed)
+
+
+def _apply(gm: fx.GraphModule, sites, skipped, rewrite_site, options: PassOptions, checkpointed: bool) -> list[SiteReport]:
+    """Rewrite every site found in `gm` (inside a checkpoint body or not); return all reports."""
     for index, site in enumerate(sites):
-        rewrite_mlp_site(gm, site, index, options)
+        rewrite_site(gm, site, index, options)
     if sites:
         gm.graph.lint()
         gm.recompile()
