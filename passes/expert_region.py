@@ -24,7 +24,9 @@ the rows of token data, an index value used as data, and any op this module does
 Lifting (`lift_region`): the region as a graph of (row inputs..., whole inputs...) -> output,
 where every size of the traced token count (T, T·k, ...) that sets a leading dim (`view(T, k, d)`,
 `arange(T·k)`) is recomputed from the chunk's rows, so one lifted graph serves any chunk length.
-`check_lift` runs it on fake tensors of another length and compares every shape.
+Under dynamic shapes those sizes are symbolic: a size placeholder the region reads must be a
+multiple of T, and is recomputed from the chunk the same way. `check_lift` runs the lifted graph
+on fake tensors of another length and compares the output's shape.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ExpertRegion:
     top_k: int
     experts: int
     index: set[fx.Node] = dataclasses.field(default_factory=set)  # nodes computed from routing ids alone
+    # symbolic sizes the region reads (dynamic shapes), each a multiple of T: node -> multiple
+    sizes: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
 
 
 _TOPK = {torch.topk}
@@ -125,27 +129,36 @@ def collect_region(combines: list[fx.Node], output: fx.Node, topks: list[fx.Node
     topks, topk = per_token, per_token[-1]
     picks = {u for t in topks for u in t.users}
     routed = _descendants(topks) - picks - set(topks)
-    region, rows, whole, todo = set(combines), [], [], list(combines)
+    region, rows, whole, todo, sizes = set(combines), [], [], list(combines), {}
     if output not in region and output not in routed:
         rows.append(output)  # the buffer the combine fills: zeros, or a shared expert's output
     while todo:
-        _walk_back(todo, region, rows, whole, picks, routed, tokens)
+        _walk_back(todo, region, rows, whole, sizes, picks, routed, tokens)
         todo = sorted(_mutations_of(region) - region, key=lambda n: n.name)  # in-place updates reach no fx edge
         region.update(todo)
     order = {n: i for i, n in enumerate(output.graph.nodes)}
     nodes = sorted(region, key=order.__getitem__)
     experts = shape_of(topk.args[0])[-1]
     top_k = size_hint(shape_of(topk)[-1]) if shape_of(topk) else size_hint(shape_of(next(iter(topk.users)))[-1])
-    found = ExpertRegion(combines, output, topk, nodes, sorted(rows, key=order.__getitem__), whole, tokens, top_k, size_hint(experts))
+    found = ExpertRegion(
+        combines, output, topk, nodes, sorted(rows, key=order.__getitem__), whole, tokens, top_k, size_hint(experts),
+        sizes=sizes,
+    )  # fmt: skip
     found.index = _index_nodes(found)
     return found
 
 
-def _walk_back(todo, region, rows, whole, picks, routed, tokens) -> None:
+def _walk_back(todo, region, rows, whole, sizes, picks, routed, tokens) -> None:
     while todo:
         node = todo.pop()
         for arg in node.all_input_nodes:
-            if arg in region or arg in rows or arg in whole:
+            if arg in region or arg in rows or arg in whole or arg in sizes:
+                continue
+            size = _symbolic_size(arg)
+            if size is not None and arg.op == "placeholder":
+                if size % tokens:
+                    raise CantChunk(f"the expert computation reads the size '{arg.name}' ({size}), not a multiple of its {tokens} tokens")
+                sizes[arg] = size // tokens  # a token count: recomputed from each chunk
                 continue
             value = example_value(arg)
             made_here = op_name(arg) in _FACTORIES and value is not None and not value.is_floating_point()
@@ -164,7 +177,8 @@ def _walk_back(todo, region, rows, whole, picks, routed, tokens) -> None:
 
 def check_row_wise(region: ExpertRegion) -> None:
     """NotRowWise naming the first op that could make a token's output read another token's rows."""
-    slots = {region.tokens, region.tokens * region.top_k}
+    # dims of T or T·k elements are the tokens' (a top-k's k can equal T·k only when T is 1)
+    slots = {region.tokens, region.tokens * region.top_k} if region.tokens > region.top_k else set()
     for node in region.nodes:
         name = op_name(node)
         if node in region.index:
@@ -257,6 +271,8 @@ def lift_region(region: ExpertRegion) -> fx.GraphModule:
         env[node] = graph.placeholder(f"whole_{i}")
     first_row = next(n for n in graph.nodes if n.op == "placeholder")
     chunk_tokens = graph.call_function(operator.getitem, (graph.call_method("size", (first_row,)), 0))
+    for node, multiple in region.sizes.items():
+        env[node] = chunk_tokens if multiple == 1 else graph.call_function(operator.mul, (chunk_tokens, multiple))
     for row in region.rows:
         if region.output is row or any(mutated_tensor(n) is row for n in region.nodes):
             env[row] = graph.call_method("clone", (env[row],))  # the region updates it in place
@@ -357,9 +373,17 @@ def _reads_tokens_elsewhere(node: fx.Node, tokens: int) -> bool:
     """A tensor whose shape holds the token count in a dim other than the first: a (B, N, d) view
     of the hidden states, say, which the region can't cut by rows."""
     value = example_value(node)
-    if value is None or value.dim() < 2:
+    if value is None or value.dim() < 2 or tokens <= 1:
         return False
     return any(size_hint(s) == tokens for s in value.shape[1:]) and _rows(value) != tokens
+
+
+def _symbolic_size(node: fx.Node) -> int | None:
+    """The hint of a node whose value is a symbolic int (a dynamic size), else None."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.SymInt):
+        return size_hint(value)
+    return None
 
 
 def _from_weights(node: fx.Node, limit: int = 8) -> bool:

@@ -117,7 +117,8 @@ def test_json_round_trips_with_the_documented_keys():
     assert set(graph["sites"][0]) == {
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
-        "logits_returned", "loss_outside", "checkpointed", "calls", "token_outputs", "largest_intermediate_bytes",
+        "logits_returned", "loss_outside", "checkpointed", "calls", "token_outputs", "experts", "top_k",
+        "largest_intermediate_bytes",
         "estimated_bytes",
     }  # fmt: skip
     assert data["estimated_peak_bytes"]["saving"] == report.estimate.saving

@@ -148,3 +148,52 @@ def test_experts_option_turns_the_rewrite_off():
     assert counts["moe experts"] == 0
     with pytest.raises(ValueError, match="'experts'"):
         mst_fx.backend(experts="yes")
+
+
+def test_no_compiled_graph_holds_a_tensor_of_every_slot():
+    """Inductor's forward and backward graphs of a rewritten MoE model: the experts are one op
+    each way, and no node has a row per (token, expert) slot: those exist one chunk at a time,
+    inside the op, under any scheduler."""
+    from test_compiled_structure import _is_mst_op, outer_post_grad_graphs
+
+    tokens, top_k = 600, 2  # 1200 slots, a row count nothing else has
+    model = _LossOf(qwen3_moe("grouped_mm", router_logits=False))
+    graphs = outer_post_grad_graphs(model, _batch(tokens=tokens), chunk_size=128)
+    ops = {n.target.name() for g in graphs for n in g.nodes if _is_mst_op(n)}
+    assert {"mst::experts_forward", "mst::experts_backward"} <= ops, ops
+    for graph in graphs:
+        for node in graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.shape[0] != tokens * top_k, (node.format_node(), value.shape)
+
+
+class _LossOf(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels):
+        return self.model(ids, labels=labels).loss
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_dynamic_lengths_share_one_rewritten_graph(implementation):
+    """Under dynamic shapes the region's sizes (view(T, k, d), arange(T·k)) are symbolic; the lifted
+    region recomputes them from each chunk, and one graph serves every length."""
+    model = qwen3_moe(implementation, router_logits=False)
+    compiled = torch.compile(model, backend=mst_fx.backend(compiler="aot_eager", **OPTIONS), dynamic=True)
+    for tokens in (40, 57):
+        reference = qwen3_moe(implementation, router_logits=False)
+        reference.load_state_dict(model.state_dict())
+        model.zero_grad()
+        ids, labels = _batch(tokens=tokens)
+        expected = loss_and_aux(reference, ids, labels)
+        expected.backward()
+        got = loss_and_aux(compiled, ids, labels)
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    (graph,) = [r for r in mst_fx.compiled_reports() if r.rewritten("moe")]
+    assert len(graph.rewritten("moe experts")) == 2
