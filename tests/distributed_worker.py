@@ -1,7 +1,7 @@
 """One rank of the distributed tests (`tests/test_distributed.py` starts two, torchrun-style:
 RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment).
 
-    python tests/distributed_worker.py ddp|ddp_logits|fsdp2 OUT_DIR
+    python tests/distributed_worker.py ddp|ddp_logits|fsdp2|fsdp2_moe OUT_DIR
 
 Runs one training step of a tiny model under mst (gloo, CPU) and an eager reference of the same
 step, and saves to OUT_DIR/<scenario>-rank<R>.pt what the test checks: losses, gradients (after the
@@ -26,7 +26,7 @@ from mst_fx.models import MLPStack, random_batch, tiny_llama
 
 TOKENS = 64
 OPTIONS = {"chunk_size": 16, "compiler": "aot_eager"}  # 4 chunks per site; no codegen, fast compile
-MST_OPS = ("mst::mlp_forward", "mst::mlp_backward", "mst::linear_cross_entropy")
+MST_OPS = ("mst::mlp_forward", "mst::mlp_backward", "mst::linear_cross_entropy", "mst::experts_forward", "mst::experts_backward")
 
 
 class _Records(logging.Handler):
@@ -48,7 +48,7 @@ def main(scenario: str, out_dir: str) -> None:
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        result = {"ddp": _ddp, "ddp_logits": _ddp_logits, "fsdp2": _fsdp2}[scenario](rank, world, records)
+        result = {"ddp": _ddp, "ddp_logits": _ddp_logits, "fsdp2": _fsdp2, "fsdp2_moe": _fsdp2_moe}[scenario](rank, world, records)
         torch.save(result, os.path.join(out_dir, f"{scenario}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -113,6 +113,26 @@ def _fsdp2(rank: int, world: int, records: _Records) -> dict:
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
     return {"cache": phase(), "no_cache": phase(use_cache=False), "loss_outside": _fsdp2_phase(build, outside, records)}
+
+
+def _fsdp2_moe(rank: int, world: int, records: _Records) -> dict:
+    """FSDP2 on each decoder layer and the root of a tiny HF Qwen3-MoE (grouped_mm experts)."""
+
+    def build():
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16, vocab_size=512,
+            attn_implementation="sdpa",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return Qwen3MoeForCausalLM(config)
+
+    def step(model, ids, labels):
+        return model(ids, labels=labels, use_cache=False).loss
+
+    return {"moe": _fsdp2_phase(build, step, records)}
 
 
 def _fsdp2_phase(build, step, records: _Records) -> dict:

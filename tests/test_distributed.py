@@ -178,6 +178,24 @@ def test_fsdp2_without_cache_runs_every_layer_chunked_with_parity(fsdp2):
         _assert_parity(run)
 
 
+@pytest.fixture(scope="module")
+def fsdp2_moe(tmp_path_factory) -> list[dict]:
+    return _run_ranks("fsdp2_moe", tmp_path_factory.mktemp("fsdp2_moe"))
+
+
+@needs_gloo
+def test_fsdp2_moe_layers_run_their_experts_chunked_with_parity(fsdp2_moe):
+    """Each FSDP2-sharded layer of a Qwen3-MoE is a frame of its own; its routed experts are one
+    chunked site there, and the expert weights' gradients reach FSDP2's reduce-scatter whole."""
+    for rank, result in enumerate(fsdp2_moe):
+        run = result["moe"]
+        experts = [loc for kind, loc, rewritten in run["counted_sites"] if kind == "moe experts" and rewritten]
+        assert experts and all(loc.startswith("model.layers.") for loc in experts), (rank, run["counted_sites"])
+        assert run["op_calls"].get("mst::experts_forward") == 2, (rank, run["op_calls"])  # both layers
+        assert run["op_calls"].get("mst::experts_backward") == 2, (rank, run["op_calls"])
+        _assert_parity(run)
+
+
 @needs_gloo
 def test_fsdp2_with_the_loss_outside_the_model(fsdp2):
     """The root's graph returns the head's rows and its all-gathered weight in place of the logits;
