@@ -259,6 +259,14 @@ def _describe_op(node: fx.Node) -> str:
     return f"{_target_name(node)} with another tensor"
 
 
+def is_mlp_down_projection(linear: Linear) -> bool:
+    """`linear` ends an MLP in one of the matched forms (whether or not it could be rewritten)."""
+    try:
+        return _match_mlp(linear) is not None
+    except (CantChunk, GuardOnDataDependentSymNode):
+        return False  # a near miss names an op that hides a linear; a head may well be behind one
+
+
 def _match_mlp(down: Linear) -> MLPSite | None:
     """The MLP ending in `down`; None when `down` is no MLP's second linear."""
     product, identities, scaling = down.input, [], []

@@ -114,6 +114,9 @@ def test_loop_without_nonzero_capture_is_a_reported_graph_break():
     model = MoEStack(LoopMoE)
     counts = assert_parity(model, lambda m, i, l: m(i, l), _batch(), **OPTIONS)
     assert counts["moe experts"] == 0
+    # the expert MLPs returned from the pieces are MLPs, not LM heads with returned logits
+    heads = [s.location for r in mst_fx.compiled_reports() for s in r.sites if s.kind.startswith("lm_head")]
+    assert all(location == "head" for location in heads), heads
     causes = [b.cause + " " + b.reason for b in mst_fx.last_report().graph_breaks]
     assert any("nonzero" in c or "Dynamic shape" in c or "dynamic" in c.lower() for c in causes), causes
 
