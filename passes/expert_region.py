@@ -116,6 +116,31 @@ def combine_groups(gm: fx.GraphModule, topks: list[fx.Node]) -> list[tuple[list[
     return result
 
 
+def unmatched_routings(gm: fx.GraphModule, topks: list[fx.Node], used: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """(top-k, the first matmul it feeds) for routings per token that reach a matmul within a few
+    ops but ended in no combine found: expert layers in a form the pass does not take."""
+    found = []
+    for topk in topks:
+        rows = _token_rows(example_value(topk.args[0]))
+        if topk in used or rows is None or rows <= 1 or not _picks_per_token(topk, rows):
+            continue
+        matmul = _first_matmul_after(topk)
+        if matmul is not None:
+            found.append((topk, matmul))
+    return found
+
+
+def _first_matmul_after(start: fx.Node, limit: int = 40) -> fx.Node | None:
+    todo, seen = list(start.users), 0
+    while todo and seen < limit:
+        node = todo.pop(0)
+        seen += 1
+        if op_name(node) in _MATMULS or _is_custom_matmul(node):
+            return node
+        todo.extend(node.users)
+    return None
+
+
 def collect_region(combines: list[fx.Node], output: fx.Node, topks: list[fx.Node]) -> ExpertRegion:
     """The region ending in `combines` (see the module docstring); CantChunk when it reads a tensor
     that is neither per token nor a parameter."""

@@ -48,6 +48,7 @@ from .expert_region import (
     collect_region,
     combine_groups,
     is_batch_of_one,
+    unmatched_routings,
     lift_region,
     routing_topks,
     slot_bytes,
@@ -67,26 +68,42 @@ class ExpertSite:
 
 def find_expert_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[ExpertSite], list[SiteReport]]:
     """Sites to rewrite, and reports of the mixture-of-experts layers left alone (with reasons)."""
-    sites, skipped = [], []
-    for combines, output, topks in combine_groups(gm, routing_topks(gm)):
-        report = SiteReport(KIND, _location(combines, topks), False)
-        try:
-            region = collect_region(combines, output, topks)
-            report.location = _location_of(region) or report.location
-            _describe(report, region)
-            check_row_wise(region)
-            _check_outputs(region)
-            lifted = lift_region(region)
-            check_lift(lifted, region)
-            value = example_value(region.rows[0])
-            plan_site(report, policy, isinstance(value.shape[0], torch.SymInt), value.device.type)
-        except CantChunk as why:
-            report.reason = str(why)
-            skipped.append(report)
-            continue
-        report.rewritten = True
-        sites.append(ExpertSite(region, lifted, report))
+    sites, skipped, used = [], [], set()
+    topks = routing_topks(gm)
+    for combines, output, topks_here in combine_groups(gm, topks):
+        used.update(topks_here)
+        site = _site_or_report(combines, output, topks_here, policy)
+        (sites if isinstance(site, ExpertSite) else skipped).append(site)
+    for topk, matmul in unmatched_routings(gm, topks, used):
+        skipped.append(SiteReport(KIND, _weights_path(matmul) or f"<routing at '{topk.name}'>", False, NO_COMBINE))
     return sites, skipped
+
+
+NO_COMBINE = (
+    "a top-k routing per token feeds expert matmuls, but their outputs are combined back in a form the "
+    "experts pass does not take (it takes index_add_/scatter_add into a (T, d) buffer and a sum over the k "
+    "slots; Llama-4's dense dispatch sums every expert's (T, d) output)"
+)
+
+
+def _site_or_report(combines, output, topks, policy: ChunkPolicy):
+    """An ExpertSite to rewrite, or the SiteReport of a layer left alone."""
+    report = SiteReport(KIND, _location(combines, topks), False)
+    try:
+        region = collect_region(combines, output, topks)
+        report.location = _location_of(region) or report.location
+        _describe(report, region)
+        check_row_wise(region)
+        _check_outputs(region)
+        lifted = lift_region(region)
+        check_lift(lifted, region)
+        value = example_value(region.rows[0])
+        plan_site(report, policy, isinstance(value.shape[0], torch.SymInt), value.device.type)
+    except CantChunk as why:
+        report.reason = str(why)
+        return report
+    report.rewritten = True
+    return ExpertSite(region, lifted, report)
 
 
 def rewrite_expert_site(gm: fx.GraphModule, site: ExpertSite, index: int, options: SiteOptions) -> None:
@@ -132,6 +149,11 @@ def _describe(report: SiteReport, region: ExpertRegion) -> None:
 
 def _location(combines, topks) -> str:
     return f"<experts at '{combines[-1].name}'>"
+
+
+def _weights_path(matmul: fx.Node) -> str | None:
+    weights = [a for a in matmul.all_input_nodes if a.op in ("placeholder", "get_attr")]
+    return module_path(*weights) if weights else None
 
 
 def _location_of(region: ExpertRegion) -> str | None:

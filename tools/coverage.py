@@ -44,6 +44,8 @@ class FamilyResult:
     layers: int = 0
     mlp_found: int = 0
     mlp_rewritten: int = 0
+    experts_found: int = 0  # routed-expert sites the experts pass found (rewritten or left alone)
+    experts_rewritten: int = 0
     lm_head: bool = False
     rewritten: bool = False  # any site rewritten
     parity: bool | None = None
@@ -131,6 +133,8 @@ def _record_sites(result: FamilyResult, reports) -> None:
     mlps = [s for s in sites if s.kind.startswith("mlp")]
     result.mlp_found = len(mlps)
     result.mlp_rewritten = sum(s.rewritten for s in mlps)
+    experts = [s for s in sites if s.kind == "moe experts"]
+    result.experts_found, result.experts_rewritten = len(experts), sum(s.rewritten for s in experts)
     result.lm_head = any(s.rewritten for s in sites if s.kind == "lm_head")
     result.rewritten = any(s.rewritten for s in sites)
     result.left_alone = [f"{s.kind} at {s.location}: {s.reason}" for s in sites if not s.rewritten]
@@ -286,23 +290,35 @@ def summary_line(results: list[FamilyResult]) -> str:
     not_built = sum(r.status == "not built" for r in results)
     errors = sum(r.status in ("error", "timeout") for r in results)
     share = f"{100 * len(complete) / len(built):.0f}%" if built else "-"
+    moe = [r for r in built if r.moe]
+    experts = (
+        f"; of {len(moe)} mixture-of-experts families, {sum(r.experts_found > 0 and r.experts_rewritten == r.experts_found for r in moe)} "
+        f"have every routed-expert site rewritten, {sum(r.experts_found == 0 for r in moe)} none found"
+        if moe else ""
+    )
     return (
         f"{len(results)} families: {len(built)} built and run, {not_built} not built, {errors} errors; "
         f"{len(complete)} of {len(built)} ({share}) fully rewritten (every layer's MLP and the LM head) "
-        f"with parity, {len(partial)} partly rewritten with parity, {len(failed)} parity failures"
+        f"with parity, {len(partial)} partly rewritten with parity, {len(failed)} parity failures{experts}"
     )
 
 
 def table(results: list[FamilyResult]) -> str:
     from tabulate import tabulate
 
-    rows = [[r.family, r.model_class, _mlp_cell(r), _head_cell(r), _parity_cell(r), _notes(r)] for r in results]
-    headers = ["family", "model class", "MLP rewritten/found/layers", "LM head", "parity", "notes"]
+    rows = [[r.family, r.model_class, _mlp_cell(r), _experts_cell(r), _head_cell(r), _parity_cell(r), _notes(r)] for r in results]
+    headers = ["family", "model class", "MLP rewritten/found/layers", "routed experts rewritten/found", "LM head", "parity", "notes"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _mlp_cell(r: FamilyResult) -> str:
     return f"{r.mlp_rewritten}/{r.mlp_found}/{r.layers}" if r.status == "ran" else "-"
+
+
+def _experts_cell(r: FamilyResult) -> str:
+    if r.status != "ran" or not (r.moe or r.experts_found):
+        return "-"
+    return f"{r.experts_rewritten}/{r.experts_found}"
 
 
 def _head_cell(r: FamilyResult) -> str:
@@ -322,8 +338,8 @@ def _notes(r: FamilyResult) -> str:
     if r.status != "ran":
         return f"{r.status}: {r.note}"
     notes = []
-    if r.moe:
-        notes.append("mixture-of-experts: routed experts are no linear → activation → linear site")
+    if r.moe and not r.experts_found:
+        notes.append("mixture-of-experts: no routed-expert site found (no top-k routing per token combined back in one graph)")
     if r.plain_compile_parity is False:
         notes.append("aot_eager without the rewrites differs from eager too")
     if r.graph_breaks and 0 < r.mlp_found < r.layers:
