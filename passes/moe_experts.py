@@ -98,7 +98,8 @@ def _site_or_report(combines, output, topks, policy: ChunkPolicy):
         lifted = lift_region(region)
         check_lift(lifted, region)
         value = example_value(region.rows[0])
-        plan_site(report, policy, isinstance(value.shape[0], torch.SymInt), value.device.type)
+        symbolic = isinstance(value.shape[0], torch.SymInt)
+        plan_site(report, policy, symbolic, value.device.type, floor_scale=region.experts / region.top_k)
     except CantChunk as why:
         report.reason = str(why)
         return report
@@ -110,7 +111,8 @@ def rewrite_expert_site(gm: fx.GraphModule, site: ExpertSite, index: int, option
     region, name = site.region, f"mst_experts_{index}"
     out = example_value(region.output)
     widths = (site.report.in_width, site.report.amplified_width)
-    module = ChunkedExperts(site.lifted, len(region.rows), (tuple(out.shape[1:]), out.dtype), widths, options)
+    output = (tuple(out.shape[1:]), out.dtype)
+    module = ChunkedExperts(site.lifted, len(region.rows), output, widths, region.experts / region.top_k, options)
     gm.add_submodule(name, module)
     last = region.nodes[-1]
     with gm.graph.inserting_before(last.next):

@@ -84,15 +84,26 @@ def test_mixtral_matches_eager(checkpointing):
 
 
 def test_router_logits_under_checkpointing_is_a_reported_graph_break():
-    """transformers 5.25 collects router logits with a hook that reads a ContextVar; Dynamo can't
-    trace that inside a checkpointed layer, so each layer runs outside every graph. Training stays
-    exact, and the report says where and why (a WARNING names the code outside)."""
+    """transformers 5.25 collects router logits with a forward hook that appends to a list; inside a
+    checkpointed layer Dynamo refuses that side effect, so each layer runs outside every graph.
+    Training stays exact, and the report says where and why (a WARNING names the code outside)."""
     model = mixtral(router_logits=True)
     enable_checkpointing(model)
     counts = assert_parity(model, loss_and_aux, _batch(), **OPTIONS)
     assert counts["moe experts"] == 0
     outside = mst_fx.last_report().code_outside
     assert any("output_capturing" in b.cause for b in outside), [b.describe() for b in outside]
+
+
+def test_router_logits_under_checkpointing_with_forward_side_effects_kept_out_of_recompute():
+    """torchtitan's setting: a side effect of a checkpointed forward is not replayed by the
+    backward's recompute. The hook's append then stays in the graph, every layer's experts are
+    chunked, and the loss with its aux loss matches eager."""
+    model = mixtral(router_logits=True)
+    enable_checkpointing(model)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        counts = assert_parity(model, loss_and_aux, _batch(), **OPTIONS)
+    assert counts["moe experts"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

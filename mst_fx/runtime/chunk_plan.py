@@ -18,6 +18,8 @@ follows the length and one compiled graph serves every length.
   C >= ~600 in bf16: 1024. A CPU needs a handful; 256 leaves room for the per-chunk overheads.
   At short lengths this floor is what keeps the LM head from being cut into dozens of slivers
   (it used to be 32 chunks of 64 tokens at 2048 tokens, at 0.4-0.57x Inductor's speed).
+  Routed experts scale the floor by E/k (`floor_scale`): a chunk's token sends each to k of the
+  E experts, so per token it does k/E of the flops against the same whole-weight gradient traffic.
 
 A site whose (static) length fits in one such chunk is left alone: its amplified tensor is already
 no bigger than one chunk, so there is no memory to win and only a recompute to pay. A symbolic
@@ -46,16 +48,18 @@ class ChunkPolicy:
     rows: int | None = None
     count: int | None = None
 
-    def rows_for(self, tokens: int, in_width: int, amplified_width: int, device_type: str) -> int:
+    def rows_for(self, tokens: int, in_width: int, amplified_width: int, device_type: str, floor_scale: float = 1) -> int:
         """Tokens per chunk for a call with `tokens` tokens."""
         if self.rows is not None:
             return self.rows
         if self.count is not None:
             return max(1, -(-tokens // self.count))
-        floor = MIN_AUTO_ROWS.get(device_type, MIN_AUTO_ROWS_DEFAULT)
+        floor = int(MIN_AUTO_ROWS.get(device_type, MIN_AUTO_ROWS_DEFAULT) * max(1, floor_scale))
         return max(floor, _prev_pow2(tokens * in_width // max(1, amplified_width)))
 
-    def chunks(self, tokens: int, in_width: int, amplified_width: int, device_type: str) -> list[tuple[int, int]]:
+    def chunks(
+        self, tokens: int, in_width: int, amplified_width: int, device_type: str, floor_scale: float = 1
+    ) -> list[tuple[int, int]]:
         """(start, length) of each chunk of `tokens` rows, in order.
 
         Fixed count: the rows split as evenly as they go (two chunk lengths at most). Otherwise full
@@ -67,13 +71,15 @@ class ChunkPolicy:
             base, extra = divmod(tokens, self.count)
             lengths = [base + 1] * extra + [base] * (self.count - extra) if base else [1] * tokens
         else:
-            rows = self.rows_for(tokens, in_width, amplified_width, device_type)
+            rows = self.rows_for(tokens, in_width, amplified_width, device_type, floor_scale)
             full, rest = divmod(tokens, rows)
             lengths = [rows] * full + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         return list(zip(starts, lengths))
 
-    def why_not_rewrite(self, tokens: int | None, in_width: int, amplified_width: int, device_type: str) -> str | None:
+    def why_not_rewrite(
+        self, tokens: int | None, in_width: int, amplified_width: int, device_type: str, floor_scale: float = 1
+    ) -> str | None:
         """Why a site of these sizes is better left alone under "auto", or None. `tokens` None: the
         length is symbolic, nothing is known of the lengths it will run with, and it is rewritten."""
         if self.rows is not None or self.count is not None:
@@ -82,7 +88,7 @@ class ChunkPolicy:
             return f"no amplification to cut: width {amplified_width} vs input width {in_width}"
         if tokens is None:
             return None
-        rows = self.rows_for(tokens, in_width, amplified_width, device_type)
+        rows = self.rows_for(tokens, in_width, amplified_width, device_type, floor_scale)
         if tokens <= rows:
             return (
                 f"{tokens} tokens fit in one chunk of {rows} (chunk_size='auto'): nothing to cut; "

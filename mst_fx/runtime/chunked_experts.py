@@ -42,15 +42,16 @@ class ChunkedExperts(_ChunkedSite):
 
     def __init__(
         self, region: fx.GraphModule, row_count: int, output: tuple[tuple[int, ...], torch.dtype],
-        widths: tuple[int, int], options: SiteOptions,
+        widths: tuple[int, int], sparsity: float, options: SiteOptions,
     ):  # fmt: skip
         """`output`: the trailing shape and dtype of the region's output. `widths`: the hidden
-        width d and the elements per token of the region's largest tensor (what the policy cuts)."""
+        width d and the elements per token of the region's largest tensor (what the policy cuts).
+        `sparsity`: experts over experts per token, E / k (it scales the policy's chunk floor)."""
         super().__init__(widths, options)
-        self.region, self.row_count = region, row_count
+        self.region, self.row_count, self.sparsity = region, row_count, sparsity
         self.out_tail, self.out_dtype = output
         self.traceable = True  # False once a body could not be traced at fixed shapes
-        self.register(row_count, output, region.code)
+        self.register(row_count, output, sparsity, region.code)
 
     def forward(self, *inputs: Tensor | None) -> Tensor:
         return _ExpertsFunction.apply(self.key, self.row_count, *inputs)
@@ -63,7 +64,7 @@ class ChunkedExperts(_ChunkedSite):
 
 
 def _chunks(site: ChunkedExperts, rows: list[Tensor]) -> list[tuple[int, int]]:
-    return site.policy.chunks(rows[0].shape[0], site.in_width, site.amplified_width, rows[0].device.type)
+    return site.policy.chunks(rows[0].shape[0], site.in_width, site.amplified_width, rows[0].device.type, site.sparsity)
 
 
 def _forward_body(region, autocast_dtype):

@@ -61,7 +61,7 @@ def _runtime_version() -> str:
     from pathlib import Path
 
     here = Path(__file__).parent
-    code = b"".join((here / name).read_bytes() for name in ("chunked_ops.py", "chunked_token_ops.py", "chunk_bodies.py", "chunk_plan.py"))
+    code = b"".join((here / name).read_bytes() for name in ("chunked_ops.py", "chunked_token_ops.py", "chunked_experts.py", "chunk_bodies.py", "chunk_plan.py"))
     return hashlib.sha1(code).hexdigest()[:16]
 
 
