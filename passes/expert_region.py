@@ -12,14 +12,7 @@ from the router's top-k (over the expert dim: one choice per token) and stops at
                    output that the combine adds into; and the top-k's own values and indices
     whole inputs   parameters and buffers (the experts' stacked weights, or one weight per expert)
 
-Row-wise (`check_row_wise`): the output row of token t must depend on token t's input rows only.
-The routing is a top-k over each token's expert scores. Inside the region, values derived from
-the routing ids alone ("index" values: sort permutations, per-expert counts and offsets, one-hot
-masks and their nonzero positions) may reorder and group the slots by expert, and are read only as
-indices, offsets or loop bounds. Refused, each with the op named: a count along the tokens (a
-`cumsum` over T or T·k slots: a token's place in its expert, the mark of a capacity limit and of
-token dropping), a top-k over the tokens (expert-choice routing), a reduction or matmul across
-the rows of token data, an index value used as data, and any op this module does not know.
+Row-wise: `dispatch_rules.py` proves it before anything is chunked.
 
 Lifting (`lift_region`): the region as a graph of (row inputs..., whole inputs...) -> output,
 where every size of the traced token count (T, T·k, ...) that sets a leading dim (`view(T, k, d)`,
@@ -63,7 +56,7 @@ class ExpertRegion:
 
 _TOPK = {torch.topk}
 _INDEX_ADD = {"index_add_", "index_add", "scatter_add_", "scatter_add"}
-_MATMULS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "_grouped_mm", "grouped_mm", "einsum", "__matmul__"}
+MATMULS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "_grouped_mm", "grouped_mm", "einsum", "__matmul__"}
 
 
 def routing_topks(gm: fx.GraphModule) -> list[fx.Node]:
@@ -90,16 +83,16 @@ def combine_groups(gm: fx.GraphModule, topks: list[fx.Node]) -> list[tuple[list[
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     routed = _descendants(topks)
     first = min((order[t] for t in topks), default=len(order))
-    matmuls = [n for n in gm.graph.nodes if order[n] > first and (op_name(n) in _MATMULS or _is_custom_matmul(n))]
+    matmuls = [n for n in gm.graph.nodes if order[n] > first and (op_name(n) in MATMULS or is_custom_matmul(n))]
     after_matmul = _descendants(matmuls) & routed
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node not in after_matmul:
             continue
         name = op_name(node)
-        if _is_custom_scatter_add(node):  # torchtitan's deterministic_scatter_add(out, index, src)
+        if is_custom_scatter_add(node):  # torchtitan's deterministic_scatter_add(out, index, src)
             groups[node] = [node]
-        elif name in _INDEX_ADD and _dim_arg(node, 1) == 0:
+        elif name in _INDEX_ADD and dim_arg(node, 1) == 0:
             buffer = node.args[0]
             if name.endswith("_"):
                 groups.setdefault(buffer, []).append(node)
@@ -135,7 +128,7 @@ def _first_matmul_after(start: fx.Node, limit: int = 40) -> fx.Node | None:
     while todo and seen < limit:
         node = todo.pop(0)
         seen += 1
-        if op_name(node) in _MATMULS or _is_custom_matmul(node):
+        if op_name(node) in MATMULS or is_custom_matmul(node):
             return node
         todo.extend(node.users)
     return None
@@ -198,90 +191,6 @@ def _walk_back(todo, region, rows, whole, sizes, picks, routed, tokens) -> None:
                     raise CantChunk(f"the expert computation reads '{arg.name}', which is not one row per token")
                 region.add(arg)
                 todo.append(arg)
-
-
-def check_row_wise(region: ExpertRegion) -> None:
-    """NotRowWise naming the first op that could make a token's output read another token's rows."""
-    # dims of T or T·k elements are the tokens' (a top-k's k can equal T·k only when T is 1)
-    slots = {region.tokens, region.tokens * region.top_k} if region.tokens > region.top_k else set()
-    for node in region.nodes:
-        name = op_name(node)
-        if node in region.index:
-            _check_index_op(node, name, slots)
-        else:
-            _check_data_op(node, name, region, slots)
-
-
-def _check_index_op(node: fx.Node, name: str, slots: set[int]) -> None:
-    shape = shape_of(node.args[0]) if node.args else None
-    dim = _dim_arg(node, 1)
-    along = size_hint(shape[dim % len(shape)]) if shape and isinstance(dim, int) else None
-    if name in ("cumsum", "cumprod") and along in slots:
-        raise NotRowWise(
-            f"'{node.name}' ({name}) counts along the tokens: a token's place in its expert depends on the tokens "
-            "before it (a capacity limit or token dropping), so routing chunks separately would change the result"
-        )
-    if name == "topk" and along in slots:
-        raise NotRowWise(
-            f"'{node.name}' (topk) picks tokens, not experts: expert-choice routing depends on the whole batch"
-        )
-
-
-_DATA_OPS = {
-    # casts, views and copies of each row
-    "to", "float", "half", "bfloat16", "type_as", "contiguous", "clone", "view", "reshape", "flatten",
-    "unsqueeze", "squeeze", "expand", "expand_as", "chunk", "split", "getitem", "repeat_interleave",
-    "zeros_like", "empty_like", "ones_like", "new_zeros", "new_empty", "zeros", "empty", "detach",
-    "index_select", "gather", "index_add_", "index_add", "scatter_add_", "scatter_add", "setitem",
-    "masked_fill", "masked_fill_", "where", "cat", "stack", "transpose", "permute", "sum", "mean",
-    "softmax", "log_softmax", "amax", "norm", "rms_norm", "layer_norm",
-    # elementwise and activations
-    "add", "sub", "mul", "div", "truediv", "pow", "neg", "square", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "abs", "tanh", "sigmoid",
-    "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "softplus", "mish",
-    "hardswish", "hardsigmoid", "hardtanh", "logsigmoid", "erf", "sin", "cos", "add_", "mul_", "div_",
-    "copy_", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-    "__rtruediv__", "__pow__", "__neg__", "iadd", "imul", "itruediv", "sym_size", "size",
-    *_MATMULS,
-}  # fmt: skip
-_INDEX_POSITIONS = {
-    "getitem": (1,), "setitem": (1,), "index_select": (2, "index"), "gather": (2, "index"),
-    "index_add_": (2, "index"), "index_add": (2, "index"), "scatter_add_": (2, "index"),
-    "scatter_add": (2, "index"), "_grouped_mm": ("offs",), "grouped_mm": ("offs",),
-    "repeat_interleave": (1, "repeats"), "size": (), "sym_size": (),
-}  # fmt: skip
-_ACROSS_ROWS = {"sum", "mean", "softmax", "log_softmax", "amax", "norm", "cumsum", "cat", "stack"}
-
-
-def _check_data_op(node: fx.Node, name: str, region: ExpertRegion, slots: set[int]) -> None:
-    if name not in _DATA_OPS and not _is_custom_matmul(node) and not _is_custom_scatter_add(node):
-        raise NotRowWise(f"'{node.name}' ({name}) is not an op the expert rewrite knows to act on each token alone")
-    positions = (1,) if _is_custom_scatter_add(node) else _INDEX_POSITIONS.get(name, ())
-    for position, arg in _arguments(node):
-        if arg in region.index and position not in positions and not _is_offsets(node, arg):
-            raise NotRowWise(
-                f"'{node.name}' ({name}) reads '{arg.name}', computed from every token's routing, as a value "
-                "(a capacity or dropping mask?): chunking the tokens would change it"
-            )
-    if name in _ACROSS_ROWS and _across_tokens(node, name, slots):
-        raise NotRowWise(f"'{node.name}' ({name}) works across the rows of different tokens")
-    if name in ("mm", "matmul", "__matmul__", "addmm", "linear") and len(node.args) >= 2:
-        second = node.args[-1] if name != "linear" else node.args[1]
-        if isinstance(second, fx.Node) and _depends_on_rows(second, region):
-            raise NotRowWise(f"'{node.name}' ({name}) contracts over the rows of token data")
-
-
-def _across_tokens(node: fx.Node, name: str, slots: set[int]) -> bool:
-    """A reduction, scan or concatenation along the first dim, or along a dim of token length."""
-    dim = _dim_arg(node, 1)
-    if dim is None:
-        return True
-    source = node.args[0] if name not in ("cat", "stack") else (node.args[0] or [None])[0]
-    shape = shape_of(source)
-    if not shape:
-        return False
-    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    return any(d % len(shape) == 0 or size_hint(shape[d % len(shape)]) in slots for d in dims)
 
 
 def lift_region(region: ExpertRegion) -> fx.GraphModule:
@@ -427,7 +336,7 @@ def _from_weights(node: fx.Node, limit: int = 8) -> bool:
     return True
 
 
-def _dim_arg(node: fx.Node, position: int):
+def dim_arg(node: fx.Node, position: int):
     if "dim" in node.kwargs:
         return node.kwargs["dim"]
     if len(node.args) > position and isinstance(node.args[position], (int, tuple, list)):
@@ -440,54 +349,17 @@ def _is_sum_over_slots(node: fx.Node) -> bool:
     """`view(T, k, d).sum(dim=1)`: the k expert outputs of each token added up."""
     source = node.args[0] if node.args else None
     shape = shape_of(source)
-    return shape is not None and len(shape) == 3 and _dim_arg(node, 1) in (1, -2)
+    return shape is not None and len(shape) == 3 and dim_arg(node, 1) in (1, -2)
 
 
-def _is_custom_matmul(node: fx.Node) -> bool:
+def is_custom_matmul(node: fx.Node) -> bool:
     """A library's grouped matmul as a custom op (transformers' `grouped_mm_fallback`)."""
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket | torch._ops.OpOverload) and "grouped_mm" in str(node.target) and "backward" not in str(node.target)
 
 
-def _is_custom_scatter_add(node: fx.Node) -> bool:
+def is_custom_scatter_add(node: fx.Node) -> bool:
     """A library's scatter-add along rows as a custom op: (out, index, src) -> out + scattered src."""
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket | torch._ops.OpOverload) and "scatter_add" in str(node.target)
-
-
-def _is_offsets(node: fx.Node, arg: fx.Node) -> bool:
-    return (_is_custom_matmul(node) or op_name(node) in ("_grouped_mm", "grouped_mm")) and (
-        node.kwargs.get("offs") is arg or arg in node.args[2:]
-    )
-
-
-def _arguments(node: fx.Node):
-    """(position or keyword, node) for every node argument, nested ones at their top position."""
-    for i, arg in enumerate(node.args):
-        for inner in _flat_nodes(arg):
-            yield i, inner
-    for key, arg in node.kwargs.items():
-        for inner in _flat_nodes(arg):
-            yield key, inner
-
-
-def _flat_nodes(arg):
-    flat = []
-    fx.node.map_arg(arg, flat.append)
-    return flat
-
-
-def _depends_on_rows(node: fx.Node, region: ExpertRegion) -> bool:
-    inputs = set(region.rows)
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current in inputs:
-            return True
-        if current in region.nodes:
-            for arg in current.all_input_nodes:
-                if arg not in seen:
-                    seen.add(arg)
-                    todo.append(arg)
-    return False
 
 
 def _index_nodes(region: ExpertRegion) -> set[fx.Node]:

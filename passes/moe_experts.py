@@ -1,7 +1,7 @@
 """Routed-experts pass: a mixture-of-experts layer's dispatch -> experts -> combine, rewritten
 into a `ChunkedExperts` that runs it over chunks of tokens.
 
-Found by graph structure alone (`expert_region.py`): a top-k over each token's expert scores, the
+Found by graph structure alone (`expert_region.py`), proven row-wise (`dispatch_rules.py`): a top-k over each token's expert scores, the
 slots it routes through a matmul, and their combine back into one row per token. That covers, among
 others:
 
@@ -41,10 +41,10 @@ from mst_fx.runtime.chunked_experts import ChunkedExperts
 from mst_fx.runtime.site_options import SiteOptions
 
 from .chunk_count import plan_site
+from .dispatch_rules import check_row_wise
 from .expert_region import (
     ExpertRegion,
     check_lift,
-    check_row_wise,
     collect_region,
     combine_groups,
     is_batch_of_one,
@@ -88,7 +88,7 @@ NO_COMBINE = (
 
 def _site_or_report(combines, output, topks, policy: ChunkPolicy):
     """An ExpertSite to rewrite, or the SiteReport of a layer left alone."""
-    report = SiteReport(KIND, _location(combines, topks), False)
+    report = SiteReport(KIND, _location(combines), False)
     try:
         region = collect_region(combines, output, topks)
         report.location = _location_of(region) or report.location
@@ -149,7 +149,7 @@ def _describe(report: SiteReport, region: ExpertRegion) -> None:
     report.experts, report.top_k = region.experts, region.top_k
 
 
-def _location(combines, topks) -> str:
+def _location(combines) -> str:
     return f"<experts at '{combines[-1].name}'>"
 
 

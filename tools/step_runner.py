@@ -36,7 +36,7 @@ COMPILE_ALLOWANCE_MB = 512
 @dataclasses.dataclass
 class RunSpec:
     variant: str  # eager | inductor | mst
-    model: str = "mlp-stack"  # mlp-stack | llama | gpt2
+    model: str = "mlp-stack"  # mlp-stack | llama | gpt2 | qwen3-moe | mixtral
     tokens: int = 8192
     batch: int = 1
     hidden: int = 256
@@ -53,6 +53,9 @@ class RunSpec:
     attention_mask: bool = False  # HF models: pass an all-ones attention_mask, as Trainer's collators do
     forced_causal: bool = False  # HF models: attention is SDPA with is_causal=True, any mask ignored
     budget_mb: float | None = None  # cap on the step's memory rise: the child is ended past it (see measure)
+    experts: int = 0  # MoE models: routed experts per layer (0: the model's default below)
+    top_k: int = 0  # MoE models: experts per token (0: the model's default below)
+    moe_intermediate: int = 0  # MoE models: one expert's width (0: the model's default below)
 
 
 @dataclasses.dataclass
@@ -113,18 +116,25 @@ def build(spec: RunSpec):
             spec.vocab, spec.hidden, spec.intermediate, spec.layers, checkpointing=spec.checkpointing
         )
         loss_fn = lambda m, ids, labels: m(ids, labels)
-    elif spec.model in ("llama", "gpt2"):
+    elif spec.model in ("llama", "gpt2", *MOE_MODELS):
         if spec.model == "llama":
             model = models.tiny_llama(spec.hidden, spec.intermediate, spec.layers, spec.vocab)
+        elif spec.model in MOE_MODELS:
+            model = tiny_moe(spec)
         else:
             model = models.tiny_gpt2(spec.hidden, spec.layers, spec.vocab)
         if spec.checkpointing:
             models.enable_checkpointing(model)
+            if spec.model in MOE_MODELS:
+                # transformers collects router logits with a hook that appends to a list: inside a
+                # checkpointed layer Dynamo refuses that side effect unless the backward's recompute
+                # skips it (torchtitan's setting), and every layer would run uncompiled
+                torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         if spec.forced_causal:
             model.set_attn_implementation(_register_forced_causal_attention())
         loss_fn = None  # below: it may take an attention mask of the batch's shape
     else:
-        raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama or gpt2")
+        raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama, gpt2, qwen3-moe or mixtral")
     ids, labels = models.random_batch(spec.vocab, spec.batch, spec.tokens, ignore_every=7, seed=spec.seed)
     model = model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
     ids, labels = ids.to(spec.device), labels.to(spec.device)
@@ -132,6 +142,34 @@ def build(spec: RunSpec):
         extra = {"attention_mask": torch.ones_like(ids)} if spec.attention_mask else {}
         loss_fn = lambda m, ids, labels: m(ids, labels=labels, **extra).loss
     return model, (ids, labels), loss_fn
+
+
+# MoE models: (experts, top_k, expert width) when RunSpec leaves them 0. With hidden 256, k·I/d is
+# 3 for qwen3-moe (as in Qwen3-30B-A3B: 8 x 768 / 2048) and 7 for mixtral (2 x 14336 / 4096).
+MOE_MODELS = {"qwen3-moe": (16, 8, 96), "mixtral": (8, 2, 896)}
+
+
+def tiny_moe(spec: RunSpec):
+    """A Hugging Face `Qwen3MoeForCausalLM` or `MixtralForCausalLM` with random weights: every layer
+    sparse, no shared expert, SDPA attention, router logits returned so `.loss` has the aux loss."""
+    default_experts, default_top_k, default_width = MOE_MODELS[spec.model]
+    common = dict(
+        hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=spec.vocab, max_position_embeddings=1 << 17, num_experts_per_tok=spec.top_k or default_top_k,
+        output_router_logits=True, router_aux_loss_coef=0.001, attn_implementation="sdpa",
+    )  # fmt: skip
+    experts, width = spec.experts or default_experts, spec.moe_intermediate or default_width
+    if spec.model == "qwen3-moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            num_experts=experts, moe_intermediate_size=width, intermediate_size=width, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[], **common,
+        )  # fmt: skip
+        return Qwen3MoeForCausalLM(config)
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(num_local_experts=experts, intermediate_size=width, **common))
 
 
 def _register_forced_causal_attention() -> str:
