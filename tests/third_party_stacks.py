@@ -119,6 +119,13 @@ def build_torchtitan(
     model = _torchtitan_model(_torchtitan_config(tokens, hidden, layers, heads, kv_heads, vocab), seed)
     model._skip_lm_head = loss == "chunked"  # as Trainer.__init__ sets it for ChunkedLossWrapper
 
+    return _torchtitan_stack(model, tokens, vocab, loss, seed)
+
+
+def _torchtitan_stack(model, tokens: int, vocab: int, loss: str, seed: int) -> Stack:
+    """The Stack of a torchtitan model: one document of random tokens, the trainer's loss, and its
+    compile calls (`apply_compile` per TransformerBlock, MoE blocks included, and the loss's)."""
+
     def compile_model_fn(model, backend: str | None, loss_backend: str | None = "same"):
         """apply_compile and the loss's compile, or neither (backend None: the trainer's compile off).
         loss_backend: "same" (the trainer's: the model's backend), another backend, or None (eager)."""
@@ -279,21 +286,4 @@ def build_torchtitan_moe(
                 p.data = p.data.to(dtype)
     model._skip_lm_head = loss == "chunked"  # as Trainer.__init__ sets it for ChunkedLossWrapper
 
-    def compile_model_fn(model, backend: str | None, loss_backend: str | None = "same"):
-        """As build_torchtitan's: apply_compile (fullgraph per TransformerBlock, MoE included) and
-        the loss's compile, or neither (backend None)."""
-        from torchtitan.config import CompileConfig
-        from torchtitan.distributed import ParallelDims
-        from torchtitan.distributed.compile import apply_compile
-
-        if backend:
-            one_device = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
-            apply_compile(model, compile_config=CompileConfig(enable=True, backend=backend), parallel_dims=one_device)
-        loss_compile = (backend if loss_backend == "same" else loss_backend) if backend else None
-        head_loss = _torchtitan_loss(vocab, loss, loss_compile, model.lm_head)
-        return model, _with_valid_tokens(head_loss)
-
-    seq = _random_sequence(tokens, vocab, seed)
-    inputs = {"tokens": seq[:, :-1], "positions": torch.arange(tokens).unsqueeze(0)}  # one document
-    eager_loss = _with_valid_tokens(_torchtitan_loss(vocab, loss, None, model.lm_head))
-    return Stack(model, inputs, seq[:, 1:], eager_loss, compile_model_fn)
+    return _torchtitan_stack(model, tokens, vocab, loss, seed)
