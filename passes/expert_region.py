@@ -110,28 +110,42 @@ def combine_groups(gm: fx.GraphModule, topks: list[fx.Node]) -> list[tuple[list[
 
 
 def unmatched_routings(gm: fx.GraphModule, topks: list[fx.Node], used: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
-    """(top-k, the first matmul it feeds) for routings per token that reach a matmul within a few
-    ops but ended in no combine found: expert layers in a form the pass does not take."""
+    """(top-k, the first matmul it feeds) for routings per token that reach, within a few ops, a
+    matmul with stacked expert weights (a parameter of E x ... for E choices), but ended in no
+    combine found: expert layers in a form the pass does not take."""
     found = []
     for topk in topks:
         rows = _token_rows(example_value(topk.args[0]))
         if topk in used or rows is None or rows <= 1 or not _picks_per_token(topk, rows):
             continue
-        matmul = _first_matmul_after(topk)
+        matmul = _first_expert_matmul_after(topk, size_hint(shape_of(topk.args[0])[-1]))
         if matmul is not None:
             found.append((topk, matmul))
     return found
 
 
-def _first_matmul_after(start: fx.Node, limit: int = 40) -> fx.Node | None:
+def _first_expert_matmul_after(start: fx.Node, experts: int, limit: int = 40) -> fx.Node | None:
     todo, seen = list(start.users), 0
     while todo and seen < limit:
         node = todo.pop(0)
         seen += 1
-        if op_name(node) in MATMULS or is_custom_matmul(node):
+        if (op_name(node) in MATMULS or is_custom_matmul(node)) and any(_stacked_weights(a, experts) for a in node.all_input_nodes):
             return node
         todo.extend(node.users)
     return None
+
+
+def _stacked_weights(node: fx.Node, experts: int, hops: int = 3) -> bool:
+    """A graph input of shape (E, ...) reached through a few views or casts: one weight per expert."""
+    for _ in range(hops):
+        value = example_value(node)
+        if node.op in ("placeholder", "get_attr"):
+            return value is not None and value.dim() >= 3 and size_hint(value.shape[0]) == experts
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
 
 
 def collect_region(combines: list[fx.Node], output: fx.Node, topks: list[fx.Node]) -> ExpertRegion:

@@ -64,9 +64,10 @@ def build_variant(payload: dict):
     stacks = load_stacks()
     name, variant = payload["stack"], payload["variant"]
     shape = {k: payload[k] for k in ("hidden", "layers", "vocab", "seed")}
-    if name == "torchtitan-moe":  # Qwen3-MoE blocks: routed experts, top-2 of 8, expert width hidden / 2
+    if name == "torchtitan-moe":  # Qwen3-MoE blocks at Qwen3-30B-A3B's ratios: top-8 of 16, k·I/d = 3
         hidden = shape.pop("hidden")
-        stack = stacks.build_torchtitan_moe(payload["tokens"], dim=hidden, moe_hidden=hidden // 2, **shape)
+        sizes = {"dim": hidden, "moe_hidden": 3 * hidden // 8, "experts": 16, "top_k": 8}
+        stack = stacks.build_torchtitan_moe(payload["tokens"], **sizes, **shape)
     elif name.startswith("torchtitan"):
         shape["loss"] = "chunked" if name == "torchtitan-chunked" else "ce"
         stack = stacks.build_torchtitan(payload["tokens"], **shape)
