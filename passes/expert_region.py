@@ -228,6 +228,8 @@ def lift_region(region: ExpertRegion) -> fx.GraphModule:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
         args = _with_chunk_sizes(node, args, region.tokens, chunk_tokens, graph)
         env[node] = graph.create_node(node.op, node.target, args, kwargs)
+        if _made_without_grad(node):  # under no_grad, or detached, in the model: so in the region
+            env[node] = graph.call_method("detach", (env[node],))
     graph.output(env[region.output])
     return fx.GraphModule(torch.nn.Module(), graph, "ExpertRegion")
 
@@ -324,6 +326,13 @@ def _reads_tokens_elsewhere(node: fx.Node, tokens: int) -> bool:
     if value is None or value.dim() < 2 or tokens <= 1:
         return False
     return any(size_hint(s) == tokens for s in value.shape[1:]) and _rows(value) != tokens
+
+
+def _made_without_grad(node: fx.Node) -> bool:
+    value = example_value(node)
+    if value is None or not value.is_floating_point() or value.requires_grad:
+        return False
+    return any(getattr(example_value(a), "requires_grad", False) for a in node.all_input_nodes)
 
 
 def _symbolic_size(node: fx.Node) -> int | None:

@@ -211,3 +211,22 @@ def test_dynamic_lengths_share_one_rewritten_graph(implementation):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
     (graph,) = [r for r in mst_fx.compiled_reports() if r.rewritten("moe")]
     assert len(graph.rewritten("moe experts")) == 2
+
+
+class _WeightsPartlyWithoutGrad(LoopMoE):
+    """Routing weights with a part computed under no_grad inside the expert region: the lifted
+    region must not give that part a gradient the model never had."""
+
+    def route(self, h):
+        weights, selected = super().route(h)
+        with torch.no_grad():
+            doubled = weights * 2.0
+        return weights + doubled - weights.detach(), selected
+
+
+def test_values_computed_without_grad_stay_without_grad():
+    torch.manual_seed(0)
+    model = MoEStack(_WeightsPartlyWithoutGrad)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        counts = assert_parity(model, lambda m, i, l: m(i, l), _batch(), **OPTIONS)
+    assert counts["moe experts"] == 2
