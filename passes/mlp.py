@@ -259,12 +259,14 @@ def _describe_op(node: fx.Node) -> str:
     return f"{_target_name(node)} with another tensor"
 
 
-def is_mlp_down_projection(linear: Linear) -> bool:
-    """`linear` ends an MLP in one of the matched forms (whether or not it could be rewritten)."""
+def ends_gated_mlp(linear: Linear) -> bool:
+    """`linear` is the down projection of a gated MLP, `down(act(gate(x)) * up(x))` in any matched
+    form. (A plain `linear -> act -> linear` ending in a vocabulary is a head behind a projection.)"""
     try:
-        return _match_mlp(linear) is not None
+        site = _match_mlp(linear)
     except (CantChunk, GuardOnDataDependentSymNode):
         return False  # a near miss names an op that hides a linear; a head may well be behind one
+    return site is not None and site.form.gated
 
 
 def _match_mlp(down: Linear) -> MLPSite | None:

@@ -50,7 +50,7 @@ from .graph_utils import (
 )
 from .lm_head import is_dead_pure, lift_transform, replay_row_op, walk_to_head
 from .loss_forms import CASTS
-from .mlp import is_mlp_down_projection
+from .mlp import ends_gated_mlp
 from .report import SiteReport
 
 DEFERRED = "mst_deferred_head"  # output node meta: DeferredOutput of the heads the pass took out
@@ -106,12 +106,12 @@ def _output_values(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _is_head(head: Linear, transform: list[fx.Node]) -> bool:
-    """A widening linear whose output leaves the graph, and which no MLP ends in: an MoE expert's
+    """A widening linear whose output leaves the graph, and which ends no gated MLP: an MoE expert's
     down projection (I < d) is returned too when a graph break cuts the expert loop."""
     widths = shape_of(head.input), shape_of(head.out)
     widens = None not in widths and widths[1][-1] >= 2 * widths[0][-1]
     row_ops = all(is_call(op, _LOGIT_FUNCTIONS, _LOGIT_METHODS) for op in transform)
-    return widens and row_ops and not is_mlp_down_projection(head)
+    return widens and row_ops and not ends_gated_mlp(head)
 
 
 def _check_only_returned(between: list[fx.Node]) -> None:
