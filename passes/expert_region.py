@@ -25,12 +25,13 @@ on fake tensors of another length and compares the output's shape.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
 from torch import fx
 
-from .graph_utils import CantChunk, example_value, mutated_tensor, shape_of, size_hint
+from .graph_utils import CantChunk, example_value, module_path, mutated_tensor, shape_of, size_hint
 from .row_function import op_name
 
 
@@ -154,10 +155,7 @@ def collect_region(combines: list[fx.Node], output: fx.Node, topks: list[fx.Node
     tokens = _rows(example_value(output)) or 0
     per_token = [t for t in topks if _picks_per_token(t, tokens)]
     if not per_token:
-        raise NotRowWise(
-            f"'{topks[-1].name}' (topk) picks along a dim other than each token's experts (expert-choice routing?): "
-            "which tokens an expert takes depends on the whole batch"
-        )
+        raise _not_per_token(topks[-1], tokens)
     topks, topk = per_token, per_token[-1]
     picks = {u for t in topks for u in t.users}
     routed = _descendants(topks) - picks - set(topks)
@@ -178,6 +176,53 @@ def collect_region(combines: list[fx.Node], output: fx.Node, topks: list[fx.Node
     )  # fmt: skip
     found.index = _index_nodes(found)
     return found
+
+
+def _not_per_token(topk: fx.Node, tokens: int) -> CantChunk:
+    """Why a top-k is no routing the pass can cut: batched (B, N, E) scores, or expert-choice."""
+    shape = [size_hint(d) for d in shape_of(topk.args[0])]
+    if len(shape) >= 3 and math.prod(shape[:-1]) == tokens:
+        return CantChunk(
+            f"'{topk.name}' (topk) routes each token, but over scores laid out {tuple(shape)}: the rewrite takes "
+            "per-token rows as (T, ...) or (1, T, ...), not a batch of several sequences"
+        )
+    if shape[-1] in (tokens, tokens * 2) or len(shape) >= 2 and math.prod(shape[1:]) == tokens:
+        return NotRowWise(
+            f"'{topk.name}' (topk) picks along the tokens, not each token's experts (expert-choice routing): "
+            "which tokens an expert takes depends on the whole batch"
+        )
+    return CantChunk(
+        f"'{topk.name}' (topk) picks from scores laid out {tuple(shape)}, which don't have one row for each "
+        f"of the {tokens} rows the experts' output is combined into"
+    )
+
+
+def unrouted_expert_weights(gm: fx.GraphModule, reported: list[str]) -> dict[str, tuple[fx.Node, int]]:
+    """Stacked expert weights (a graph input of three dims or more, one slice per expert) that a
+    matmul uses, in modules no expert site was reported for: module -> (the matmul, E)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if not (op_name(node) in MATMULS or is_custom_matmul(node)):
+            continue
+        for weight in filter(None, (stacked_input(a) for a in node.all_input_nodes)):
+            owner = module_path(weight)
+            if not any(owner.startswith(r) or r.startswith(owner) for r in reported):
+                found.setdefault(owner, (node, size_hint(example_value(weight).shape[0])))
+    return found
+
+
+def stacked_input(node: fx.Node, hops: int = 3) -> fx.Node | None:
+    """The graph input of three dims or more (one slice per expert) `node` is, or is a view or
+    cast of, within a few ops; None otherwise."""
+    for _ in range(hops):
+        if node.op in ("placeholder", "get_attr"):
+            value = example_value(node)
+            return node if value is not None and value.dim() >= 3 and size_hint(value.shape[0]) > 1 else None
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _walk_back(todo, region, rows, whole, sizes, picks, routed, tokens) -> None:

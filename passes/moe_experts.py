@@ -48,7 +48,9 @@ from .expert_region import (
     collect_region,
     combine_groups,
     is_batch_of_one,
+    stacked_input,
     unmatched_routings,
+    unrouted_expert_weights,
     lift_region,
     routing_topks,
     slot_bytes,
@@ -76,7 +78,18 @@ def find_expert_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[Exp
         (sites if isinstance(site, ExpertSite) else skipped).append(site)
     for topk, matmul in unmatched_routings(gm, topks, used):
         skipped.append(SiteReport(KIND, _weights_path(matmul) or f"<routing at '{topk.name}'>", False, NO_COMBINE))
+    reported = [s.report.location for s in sites] + [s.location for s in skipped]
+    for owner, (matmul, experts) in unrouted_expert_weights(gm, reported).items():
+        why = f"{experts} stacked expert weights feed '{matmul.name}', but {NO_ROUTING}"
+        skipped.append(SiteReport(KIND, owner, False, why, experts=experts))
     return sites, skipped
+
+
+NO_ROUTING = (
+    "no top-k routing per token was found whose slots reach them and come back per token (a router "
+    "without top-k, such as a max with masks, or a dispatch in another graph): the experts pass does not "
+    "take this layer"
+)
 
 
 NO_COMBINE = (
@@ -149,7 +162,19 @@ def _describe(report: SiteReport, region: ExpertRegion) -> None:
     report.experts, report.top_k = region.experts, region.top_k
 
 
-def _location(combines) -> str:
+def _location(combines, limit: int = 200) -> str:
+    """The module of the stacked expert weights the combine is computed from, when there are any
+    (the region is not known yet: it may not be collectable), else the combine's node."""
+    todo, seen = list(combines), set()
+    while todo and len(seen) < limit:
+        node = todo.pop(0)
+        stacked = stacked_input(node)
+        if stacked is not None:
+            return module_path(stacked)
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
     return f"<experts at '{combines[-1].name}'>"
 
 
