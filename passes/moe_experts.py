@@ -77,7 +77,7 @@ def find_expert_sites(gm: fx.GraphModule, policy: ChunkPolicy) -> tuple[list[Exp
         site = _site_or_report(combines, output, topks_here, policy)
         (sites if isinstance(site, ExpertSite) else skipped).append(site)
     for topk, matmul in unmatched_routings(gm, topks, used):
-        skipped.append(SiteReport(KIND, _weights_path(matmul) or f"<routing at '{topk.name}'>", False, NO_COMBINE))
+        skipped.append(SiteReport(KIND, _owner(matmul.all_input_nodes) or f"<routing at '{topk.name}'>", False, NO_COMBINE))
     reported = [s.report.location for s in sites] + [s.location for s in skipped]
     for owner, (matmul, experts) in unrouted_expert_weights(gm, reported).items():
         why = f"{experts} stacked expert weights feed '{matmul.name}', but {NO_ROUTING}"
@@ -104,7 +104,7 @@ def _site_or_report(combines, output, topks, policy: ChunkPolicy):
     report = SiteReport(KIND, _location(combines), False)
     try:
         region = collect_region(combines, output, topks)
-        report.location = _location_of(region) or report.location
+        report.location = _owner(region.whole) or report.location
         _describe(report, region)
         check_row_wise(region)
         _check_outputs(region)
@@ -178,12 +178,7 @@ def _location(combines, limit: int = 200) -> str:
     return f"<experts at '{combines[-1].name}'>"
 
 
-def _weights_path(matmul: fx.Node) -> str | None:
-    weights = [a for a in matmul.all_input_nodes if a.op in ("placeholder", "get_attr")]
-    return module_path(*weights) if weights else None
-
-
-def _location_of(region: ExpertRegion) -> str | None:
-    """The module holding the experts' weights (their common parent)."""
-    weights = [w for w in region.whole if w.op in ("placeholder", "get_attr")]
+def _owner(nodes) -> str | None:
+    """The module holding the weights among `nodes` (their common parent), if any are weights."""
+    weights = [w for w in nodes if w.op in ("placeholder", "get_attr")]
     return module_path(*weights) if weights else None

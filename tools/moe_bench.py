@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from seq_bench import Probe, SearchRule, max_length_table, search_max_length
+from seq_bench import Probe, SearchRule, _ratio, max_length_table, search_max_length
 from step_runner import MOE_MODELS, OverBudget, RunSpec, run_in_child
 from tabulate import tabulate
 
@@ -231,10 +231,6 @@ def _sites(rewritten: dict | None) -> str:
     if rewritten is None:
         return "-"
     return ", ".join(f"{kind} {count}" for kind, count in sorted(rewritten.items())) or "none"
-
-
-def _ratio(value, base) -> str:
-    return f"{value / base:.2f}x" if base else "-"
 
 
 def main(argv=None) -> int:
