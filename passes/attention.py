@@ -1,26 +1,29 @@
-"""Attention pass: an SDPA whose mask is provably causal gets `is_causal=True` and no mask.
+"""Attention pass: SDPA under a mask read as a function of its indices runs without the N x N mask.
 
-Under torch.compile, Hugging Face can't check that an `attention_mask` is all ones, so it builds a
-(B, 1, N, N) boolean mask and calls SDPA with it and `is_causal=False`: N² bytes held through the
-step, and no flash kernel. `mask_reading.read_mask` proves what the mask is. Each mask is one site
-(every layer shares it), rewritten in one of two ways:
+Under torch.compile, Hugging Face builds a (B, 1, N, N) boolean mask for SDPA whenever it can't
+prove at trace time that causal is enough: an `attention_mask` is given (HF Trainer's collators
+always give one), documents are packed in one row (`position_ids` restarting), a layer attends in
+a sliding window or in chunks. That is N² bytes held through the step, growing quadratically.
+`mask_reading.read_mask` reads how the mask is built, as an exact function of (batch, head, query,
+key). Each mask is one site (every layer that takes it shares it), rewritten in one of two ways:
 
-Causal only (no `attention_mask` given):
+Causal only (no `attention_mask` given, nothing else):
 
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
   becomes
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True)
 
-Causal and padding (an `attention_mask` given, as HF Trainer's collators always do):
+Anything else read (causal with padding, windows, chunks, documents, their and / or / not):
 
-    attn = mst_fx.runtime.causal_attention.causal_attention(q, k, v, [padding], [kv_offset], scale, False)
+    attn = mst_fx.runtime.masked_attention.masked_attention(q, k, v, leaves, mask, ...)
 
-which, at run time, calls SDPA with is_causal when `padding` is all True and otherwise rebuilds the
-same mask from it: a padded batch computes exactly what it did, at the cost of its mask, and an
-unpadded one never builds it. Its backward runs the attention again, so that form refuses attention
-dropout (a second forward would draw another mask). The mask's own nodes are erased once nothing
-uses them. SDPA calls inside activation-checkpoint bodies take the mask as an
-operand of the checkpoint; they are followed to where it is built.
+which runs blocks of queries over the keys each block can reach, building only that block of the
+mask (`mst_fx/runtime/masked_attention.py`); causal with padding takes SDPA's is_causal when the
+batch holds no padding. Its backward runs the attention again, so it refuses attention dropout (a
+second forward would draw another mask). The mask's own nodes are erased once nothing uses them;
+the small tensors it reads (padding, document ids) become the op's operands. SDPA calls inside
+activation-checkpoint bodies take the mask as an operand of the checkpoint; they are followed to
+where it is built.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from mst_fx.runtime.causal_attention import causal_attention
+from mst_fx.runtime import mask_expressions
+from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.masked_attention import masked_attention
 
 from .checkpoint_bodies import CHECKPOINT
 from .graph_utils import CantChunk, example_value, qualified_module_path, shape_of, size_hint, without_wrappers
-from .mask_reading import CausalMask, mask_root, read_mask
+from .mask_reading import MaskForm, mask_root, read_mask
 from .report import SiteReport
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -57,11 +62,12 @@ class AttentionCall:
 class MaskSite:
     mask: fx.Node  # built in the outer graph
     calls: list[AttentionCall]
-    form: CausalMask | None
+    form: MaskForm | None
+    policy: ChunkPolicy
     report: SiteReport
 
 
-def find_attention_sites(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list[MaskSite]:
+def find_attention_sites(gm: fx.GraphModule, bodies: list[fx.GraphModule], policy: ChunkPolicy) -> list[MaskSite]:
     """One site per mask that reaches an SDPA call with is_causal=False, read or not (see report)."""
     by_mask: dict[fx.Node, list[AttentionCall]] = {}
     for graph_module in [gm, *bodies]:
@@ -70,7 +76,7 @@ def find_attention_sites(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> li
             if call is not None and call.arguments["attn_mask"] is not None and not call.arguments["is_causal"]:
                 mask = _in_outer_graph(mask_root(call.arguments["attn_mask"]), gm, bodies)
                 by_mask.setdefault(mask_root(mask) if mask is not None else None, []).append(call)
-    return [_site(mask, calls) for mask, calls in by_mask.items()]
+    return [_site(mask, calls, policy) for mask, calls in by_mask.items()]
 
 
 def _attention_call(graph_module, node) -> AttentionCall | None:
@@ -104,7 +110,7 @@ def _owner(node: fx.Node, bodies) -> fx.GraphModule | None:
     return next((b for b in bodies if b.graph is node.graph), None)
 
 
-def _site(mask: fx.Node | None, calls: list[AttentionCall]) -> MaskSite:
+def _site(mask: fx.Node | None, calls: list[AttentionCall], policy: ChunkPolicy) -> MaskSite:
     first = calls[0]
     q, k = (example_value(first.arguments[name]) for name in ("query", "key"))
     report = SiteReport(
@@ -117,23 +123,35 @@ def _site(mask: fx.Node | None, calls: list[AttentionCall]) -> MaskSite:
         if mask is None:
             raise CantChunk("the mask comes from outside this graph")
         form = read_mask(mask)
+        report.mask = form.description
         for call in calls:
             _check_call(call, mask, form)
     except CantChunk as why:
         report.reason = str(why)
-        return MaskSite(mask, calls, None, report)
+        return MaskSite(mask, calls, None, policy, report)
     report.rewritten = True
-    return MaskSite(mask, calls, form, report)
+    if not form.is_causal:
+        _plan_blocks(report, shape_of(mask), policy)
+    return MaskSite(mask, calls, form, policy, report)
 
 
-def _check_call(call: AttentionCall, mask: fx.Node, form: CausalMask) -> None:
+def _plan_blocks(report: SiteReport, mask_shape, policy: ChunkPolicy) -> None:
+    """The blocks of queries at the traced length (its size hint when symbolic)."""
+    q_len, kv_len = (size_hint(s) for s in mask_shape[-2:])
+    rows = min(q_len, policy.attention_rows(q_len, kv_len))
+    report.chunk_rows, report.chunks = rows, -(-q_len // rows)
+
+
+def _check_call(call: AttentionCall, mask: fx.Node, form: MaskForm) -> None:
     q, k = (example_value(call.arguments[name]) for name in ("query", "key"))
     if q is None or k is None or (q.shape[-2], k.shape[-2]) != tuple(shape_of(mask)[-2:]):
         raise CantChunk("the query or key length is not the mask's")
-    if form.padding and call.arguments["dropout_p"] != 0.0:
+    if form.varies[1] and shape_of(mask)[1] != q.shape[1]:
+        raise CantChunk("the mask varies along heads, and not along the query's heads")
+    if not form.is_causal and call.arguments["dropout_p"] != 0.0:
         raise CantChunk(
-            "attention dropout with a padding mask: the runtime choice recomputes the attention in "
-            "backward, and a recompute would draw another dropout mask"
+            f"attention dropout under a {form.description} mask: its blocks are recomputed in backward, and "
+            "a recompute would draw another dropout mask"
         )
 
 
@@ -157,10 +175,10 @@ def _location(node: fx.Node) -> str:
 
 def rewrite_attention_site(gm: fx.GraphModule, site: MaskSite) -> None:
     for call in site.calls:
-        if site.form.padding:
-            _replace_with_runtime_choice(gm, call, site.form)
-        else:
+        if site.form.is_causal:
             _replace_with_causal(call)
+        else:
+            _replace_with_masked_attention(gm, call, site.form, site.policy)
         _erase_dead_ancestors(call.arguments["attn_mask"])  # the call's own view of the mask (a slice)
         if call.graph_module is not gm:
             _drop_unused_operands(gm, call.graph_module)
@@ -183,13 +201,14 @@ def _replace_with_causal(call: AttentionCall) -> None:
     call.node.graph.erase_node(call.node)
 
 
-def _replace_with_runtime_choice(gm: fx.GraphModule, call: AttentionCall, form: CausalMask) -> None:
+def _replace_with_masked_attention(gm: fx.GraphModule, call: AttentionCall, form: MaskForm, policy: ChunkPolicy) -> None:
     a, graph = call.arguments, call.node.graph
-    leaves = [_leaf_in(call.graph_module, gm, p.leaf) for p in form.padding]
-    offsets = [p.kv_offset for p in form.padding]
+    leaves = [_leaf_in(call.graph_module, gm, leaf) for leaf in form.leaves]
+    mask = mask_expressions.encode(form.expr, list(form.leaves))
+    settings = (list(form.padding), form.causal_otherwise, list(form.varies), [policy.rows or 0, policy.count or 0])
     with graph.inserting_before(call.node):
-        args = (a["query"], a["key"], a["value"], leaves, offsets, a["scale"], bool(a["enable_gqa"]))
-        out = graph.call_function(causal_attention, args)
+        args = (a["query"], a["key"], a["value"], leaves, mask, *settings, a["scale"], bool(a["enable_gqa"]))
+        out = graph.call_function(masked_attention, args)
     out.meta.update(call.node.meta)
     call.node.replace_all_uses_with(out)
     graph.erase_node(call.node)
@@ -206,7 +225,7 @@ def _leaf_in(owner: fx.GraphModule, gm: fx.GraphModule, leaf: fx.Node) -> fx.Nod
             return placeholders[call.args[1:].index(leaf)]
         call.args = (*call.args, leaf)
     with owner.graph.inserting_after(placeholders[-1]):
-        return owner.graph.placeholder(f"mst_padding_{leaf.name}")
+        return owner.graph.placeholder(f"mst_mask_{leaf.name}")
 
 
 def _drop_unused_operands(gm: fx.GraphModule, body: fx.GraphModule) -> None:

@@ -1,7 +1,9 @@
 """Applies the rewrites to one Dynamo graph, in this order:
 
-1. `attention.py`: an SDPA whose mask is provably causal gets `is_causal=True` and no mask (under
-   a runtime choice on the padding when there may be some), in the graph and its checkpoint bodies.
+1. `attention.py`: an SDPA whose mask is read as a function of its indices (causal, padding,
+   windows, chunks, packed documents) runs with `is_causal=True` and no mask when causal is all
+   it is, and otherwise by blocks of queries that never build the N x N mask; in the graph and
+   its checkpoint bodies.
 2. `moe_experts.py`: a mixture-of-experts layer's routed experts (top-k routing per token, dispatch,
    expert matmuls, combine) become `ChunkedExperts` (recompute per chunk in backward), in the graph
    and in its checkpoint bodies. It runs before the MLP pass, whose linears a loop over per-expert
@@ -102,7 +104,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_
     bodies = list(checkpoint_bodies(gm))
     training = is_training(example_inputs)
     if options.attention:
-        report.sites += _rewrite_attention(gm, bodies)
+        report.sites += _rewrite_attention(gm, bodies, options)
     experts = []
     if options.experts:
         experts += _rewrite_experts(gm, options, checkpointed=False)
@@ -166,8 +168,8 @@ def _rewrite_returned_heads(gm: fx.GraphModule, options: PassOptions, logits: st
     return [s.report for s in sites] + skipped
 
 
-def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule]) -> list[SiteReport]:
-    sites = find_attention_sites(gm, bodies)
+def _rewrite_attention(gm: fx.GraphModule, bodies: list[fx.GraphModule], options: PassOptions) -> list[SiteReport]:
+    sites = find_attention_sites(gm, bodies, options.policy)
     for site in sites:
         if site.report.rewritten:
             rewrite_attention_site(gm, site)

@@ -26,6 +26,7 @@ class SiteReport:
     loss_outside: bool | None = None  # lm_head: the logits leave the graph for a loss computed outside it
     checkpointed: bool | None = None  # mlp: inside an activation-checkpoint body
     calls: int | None = None  # attention: the SDPA calls that take this mask (one per layer)
+    mask: str | None = None  # attention: the mask's terms as read, e.g. "causal & window 4096 & padding"
     token_outputs: list[str] | None = None  # lm_head per-token: the values kept per token, "name (op)"
     experts: int | None = None  # moe experts: routed experts in the layer
     top_k: int | None = None  # moe experts: experts per token
@@ -49,8 +50,11 @@ class SiteReport:
         if None in (self.tokens, self.amplified_width, self.itemsize):
             return None
         row_bytes = self.amplified_width * self.itemsize
-        if self.kind == "attention":  # the mask, B*Nq rows of Nkv booleans, gone when rewritten
-            return self.tokens * row_bytes, 0 if self.rewritten else self.tokens * row_bytes
+        if self.kind == "attention":  # the mask, B*Nq rows of Nkv booleans: one block of queries', or none
+            whole = self.tokens * row_bytes
+            if not self.rewritten:
+                return whole, whole
+            return whole, 0 if not self.chunks else -(-self.tokens // self.chunks) * row_bytes
         return self.tokens * row_bytes, self.largest_chunk_tokens * row_bytes
 
     def to_dict(self) -> dict[str, Any]:

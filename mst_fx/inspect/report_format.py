@@ -81,6 +81,7 @@ def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list
     shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width}" if site.has_shapes else "-"
     if site.kind == "attention" and site.has_shapes:
         shape = f"mask {site.tokens} x {site.amplified_width}, {site.calls} calls"
+        shape += f": {site.mask}" if site.mask else ""
     if site.kind == "moe experts" and site.has_shapes:
         shape = f"{site.tokens} x {site.in_width} -> {site.amplified_width} ({site.experts} experts, top-{site.top_k})"
     kind = f"{site.kind} (checkpointed)" if site.checkpointed else site.kind
@@ -98,7 +99,7 @@ def _chunking(site: SiteReport) -> str:
     """M x C at the traced length: how many chunks, of how many tokens at most."""
     if not site.rewritten:
         return "-"
-    if site.kind == "attention":
+    if site.kind == "attention" and not site.chunks:
         return "is_causal"
     return f"{site.chunks} x {site.chunk_rows}" if site.chunk_rows is not None else str(site.chunks)
 

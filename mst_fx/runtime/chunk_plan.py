@@ -26,6 +26,12 @@ no bigger than one chunk, so there is no memory to win and only a recompute to p
 length is always rewritten; a short call then runs as one chunk.
 
 `chunk_size=<int>` fixes C; `chunks=<int>` fixes the number of chunks instead (C follows N).
+
+Attention under a mask (`masked_attention.py`) cuts its queries into blocks of its own size under
+"auto": as many rows as keep one block's mask (rows x Nkv, which SDPA widens to a float bias) under
+MASK_BLOCK_ELEMENTS, and at most MAX_ATTENTION_ROWS, where a block's keys (its window plus its own
+rows) stay close to the window. Measured on CPU at 16384 tokens, a window of N/8: 256 rows ran
+the forward and backward in 0.62 s, 128 in 0.68 s, 1024 in 0.64 s, and causal SDPA in 0.97 s.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ import dataclasses
 # Chunks below this many tokens cost more in weight-gradient traffic than they save (see above).
 MIN_AUTO_ROWS = {"cuda": 1024}
 MIN_AUTO_ROWS_DEFAULT = 256
+MASK_BLOCK_ELEMENTS = 1 << 22
+MAX_ATTENTION_ROWS = 256
+MIN_ATTENTION_ROWS = 16
 
 
 def _prev_pow2(n: int) -> int:
@@ -76,6 +85,14 @@ class ChunkPolicy:
             lengths = [rows] * full + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         return list(zip(starts, lengths))
+
+    def attention_rows(self, q_len: int, kv_len: int) -> int:
+        """Queries per block of attention under a mask (see the module's docstring)."""
+        if self.rows is not None:
+            return self.rows
+        if self.count is not None:
+            return max(1, -(-q_len // self.count))
+        return max(MIN_ATTENTION_ROWS, min(MAX_ATTENTION_ROWS, _prev_pow2(MASK_BLOCK_ELEMENTS // max(1, kv_len))))
 
     def why_not_rewrite(
         self, tokens: int | None, in_width: int, amplified_width: int, device_type: str, floor_scale: float = 1
