@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 
@@ -48,3 +49,50 @@ def test_trainer_with_mst_logs_what_it_logs_without(trainer, tmp_path):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (got["step"], key)
     assert "lm_head (loss outside)" in mst["mst_last_report"], mst["mst_last_report"]
     assert not [line for line in mst["mst_fx_log"] if "computed them in full" in line], mst["mst_fx_log"]
+
+
+def test_padding_free_sft_step_matches_eager(tmp_path):
+    """TRL's SFTTrainer with `padding_free=True` (a batch flattened into one row, positions
+    restarting per document, no attention_mask) under bf16 autocast, its loss compiled with mst:
+    the documents' mask is read and run by blocks, and one SGD step moves every weight as eager's
+    does (the step is the learning rate times the gradient)."""
+    import copy
+    import random
+
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mst_fx
+
+    sys.path.insert(0, os.path.dirname(TRL_RUN))
+    from trl_run import _sentence, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    rng = random.Random(0)
+    data = Dataset.from_dict({"text": [_sentence(rng, 5, 14) for _ in range(8)]})
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         attn_implementation="sdpa")  # fmt: skip
+    start = LlamaForCausalLM(config)
+
+    def one_step(compiled: bool):
+        model = copy.deepcopy(start)
+        args = trl.SFTConfig(output_dir=str(tmp_path), padding_free=True, max_length=None, per_device_train_batch_size=4,
+                             max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0,
+                             bf16=True, use_cpu=True, report_to=[], save_strategy="no", seed=0, data_seed=0)  # fmt: skip
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        if compiled:
+            trainer.compute_loss = torch.compile(trainer.compute_loss, backend=mst_fx.backend(chunk_size=8))
+        return trainer.train().training_loss, model
+
+    plain_loss, plain = one_step(False)
+    mst_loss, mst = one_step(True)
+    assert mst_loss == pytest.approx(plain_loss, rel=1e-4)
+    for (name, got), (_, expected), (_, before) in zip(mst.named_parameters(), plain.named_parameters(),
+                                                       start.named_parameters()):  # fmt: skip
+        moved, expected_move = (got - before).detach(), (expected - before).detach()
+        assert (moved - expected_move).abs().max() <= 2e-2 * expected_move.abs().max(), name
+    sites = [s for r in mst_fx.compiled_reports() for s in r.sites if s.kind == "attention"]
+    assert [(s.rewritten, s.mask) for s in sites] == [(True, "causal by position & documents")]
+    assert sites[0].chunks > 1

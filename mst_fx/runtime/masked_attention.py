@@ -44,7 +44,17 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor], mask
     exactly `key <= query`. sizes: whether the mask varies along (batch, heads). policy: the chunk
     policy's (rows, count), 0 for unset."""
     settings = (mask, list(padding), causal_otherwise, list(sizes), list(policy), scale, enable_gqa)
-    return _MaskedAttentionFunction.apply(q, k, v, settings, *leaves)
+    return _MaskedAttentionFunction.apply(*_as_autocast_would(q, k, v), settings, *leaves)
+
+
+def _as_autocast_would(*tensors: Tensor) -> list[Tensor]:
+    """SDPA runs in autocast's lower precision; the op, opaque to autocast, gets its inputs cast as
+    SDPA's would be (a model's rotated q and k are often fp32 while v is already bf16)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
 
 
 def _blocks(q: Tensor, k: Tensor, leaves, mask, sizes, policy):
