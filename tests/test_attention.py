@@ -159,3 +159,26 @@ def test_a_vmap_built_mask_is_read_too(kind):
     mask = padding(kind, torch.zeros(2, 12, dtype=torch.long)).bool()
     assert_parity(VmapMaskAttention(), lambda m, x, mask: m(x, mask), (x, mask))
     assert [s.rewritten for s in attention_sites()] == [True], skipped_reasons()
+
+
+class ScoreMask(nn.Module):
+    """Causal, and only where the tokens' inputs agree in sign: a mask computed from data, N x N."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        tokens = x.shape[1]
+        positions = torch.arange(tokens)
+        agree = (x[:, None, :, :1] * x[:, None, None, :, 0]) > 0
+        mask = (positions[None, None, None, :] <= positions[None, None, :, None]) & agree
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask | torch.eye(tokens, dtype=torch.bool)).sum()
+
+
+def test_a_mask_read_from_data_at_both_positions_is_left_alone_naming_the_op():
+    torch.manual_seed(0)
+    assert_parity(ScoreMask(), lambda m, x: m(x), (torch.randn(2, 12, 16),))
+    (site,) = attention_sites()
+    assert not site.rewritten and "reads `gt`" in site.reason and "both the query and the key" in site.reason, site.reason

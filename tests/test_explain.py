@@ -117,7 +117,7 @@ def test_json_round_trips_with_the_documented_keys():
     assert set(graph["sites"][0]) == {
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
-        "logits_returned", "loss_outside", "checkpointed", "calls", "token_outputs", "experts", "top_k",
+        "logits_returned", "loss_outside", "checkpointed", "calls", "mask", "token_outputs", "experts", "top_k",
         "largest_intermediate_bytes",
         "estimated_bytes",
     }  # fmt: skip

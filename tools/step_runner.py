@@ -36,7 +36,7 @@ COMPILE_ALLOWANCE_MB = 512
 @dataclasses.dataclass
 class RunSpec:
     variant: str  # eager | inductor | mst
-    model: str = "mlp-stack"  # mlp-stack | llama | gpt2 | qwen3-moe | mixtral
+    model: str = "mlp-stack"  # mlp-stack | llama | mistral | gpt2 | qwen3-moe | mixtral
     tokens: int = 8192
     batch: int = 1
     hidden: int = 256
@@ -56,6 +56,8 @@ class RunSpec:
     experts: int = 0  # MoE models: routed experts per layer (0: the model's default below)
     top_k: int = 0  # MoE models: experts per token (0: the model's default below)
     moe_intermediate: int = 0  # MoE models: one expert's width (0: the model's default below)
+    window: int = 0  # mistral: its sliding window in tokens (0: none, plain causal)
+    documents: int = 0  # HF models: pack this many documents in each row (position_ids restarting)
 
 
 @dataclasses.dataclass
@@ -116,9 +118,11 @@ def build(spec: RunSpec):
             spec.vocab, spec.hidden, spec.intermediate, spec.layers, checkpointing=spec.checkpointing
         )
         loss_fn = lambda m, ids, labels: m(ids, labels)
-    elif spec.model in ("llama", "gpt2", *MOE_MODELS):
+    elif spec.model in ("llama", "mistral", "gpt2", *MOE_MODELS):
         if spec.model == "llama":
             model = models.tiny_llama(spec.hidden, spec.intermediate, spec.layers, spec.vocab)
+        elif spec.model == "mistral":
+            model = tiny_mistral(spec)
         elif spec.model in MOE_MODELS:
             model = tiny_moe(spec)
         else:
@@ -134,12 +138,15 @@ def build(spec: RunSpec):
             model.set_attn_implementation(_register_forced_causal_attention())
         loss_fn = None  # below: it may take an attention mask of the batch's shape
     else:
-        raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama, gpt2, qwen3-moe or mixtral")
+        raise ValueError(f"unknown model {spec.model!r}; choose mlp-stack, llama, mistral, gpt2, qwen3-moe or mixtral")
     ids, labels = models.random_batch(spec.vocab, spec.batch, spec.tokens, ignore_every=7, seed=spec.seed)
     model = model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
     ids, labels = ids.to(spec.device), labels.to(spec.device)
     if loss_fn is None:
         extra = {"attention_mask": torch.ones_like(ids)} if spec.attention_mask else {}
+        if spec.documents:  # as DataCollatorWithFlattening and TRL's padding_free feed the model
+            extra.update(position_ids=packed_positions(spec.batch, spec.tokens, spec.documents).to(spec.device),
+                         use_cache=False)  # fmt: skip
         loss_fn = lambda m, ids, labels: m(ids, labels=labels, **extra).loss
     return model, (ids, labels), loss_fn
 
@@ -170,6 +177,31 @@ def tiny_moe(spec: RunSpec):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     return MixtralForCausalLM(MixtralConfig(num_local_experts=experts, intermediate_size=width, **common))
+
+
+def tiny_mistral(spec: RunSpec):
+    """A Hugging Face `MistralForCausalLM` with random weights, SDPA attention, attending in a
+    sliding window of `spec.window` tokens (or causally, with no window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=spec.vocab, max_position_embeddings=1 << 17,
+        sliding_window=spec.window or None, attn_implementation="sdpa",
+    )  # fmt: skip
+    return MistralForCausalLM(config)
+
+
+def packed_positions(batch: int, tokens: int, documents: int):
+    """Position ids of `documents` packed in each row, restarting at each: lengths from a fixed
+    seed, between half and one and a half times the mean."""
+    import torch
+
+    g = torch.Generator().manual_seed(documents)
+    weights = 0.5 + torch.rand(documents, generator=g)
+    lengths = (weights / weights.sum() * tokens).long()
+    lengths[-1] += tokens - lengths.sum()
+    return torch.cat([torch.arange(int(n)) for n in lengths]).expand(batch, -1)
 
 
 def _register_forced_causal_attention() -> str:

@@ -11,7 +11,7 @@ amplified width W (I for an MLP, V for an LM head), element size s and chunks of
     mlp, checkpointed  0                        (kept + added)·N·I·s        0             as above
     lm_head          N·V·s (logits)             0, or 2·N·V·s when the      (N+V)·d·s     max(2·c·V·s, (N+V)·d·s)
                                                 logits are returned
-    attention        B·Nq·Nkv (the bool mask)   0                           0             0
+    attention        B·Nq·Nkv (the bool mask)   0                           0             0, or 5·B·c·Nkv
     moe experts      2·N·W·s                    1·N·W·s                     0             4·c·W·s
 
 (A routed-experts site's W is the elements per token of its largest dispatch tensor, k·2I for
@@ -19,7 +19,9 @@ gate/up of k experts; its gathered input, activation and outputs are counted as 
 tensor. A rough rule, not read off generated code as the MLP's is.)
 
 (An attention site is one mask, whatever the number of layers sharing it; its N is B·Nq rows and
-its W is Nkv. Rewritten, no mask is built for a batch without padding, the case estimated.)
+its W is Nkv. Rewritten to is_causal, no mask is built. Rewritten to blocks of c queries (windows,
+chunks, documents, and padding in a padded batch), one block's bool mask and the float bias SDPA
+makes of it are live: 5·B·c·Nkv bytes, an upper bound when the block reaches fewer keys.)
 
 Backward visits the sites in reverse (the report's order: MLPs in graph order, then the LM head;
 graphs in compile order), and a site's kept tensors are freed once its backward is done, so
@@ -58,7 +60,7 @@ _COEFFICIENTS = {
     "mlp plain": (2, 1, 4),
     "lm_head": (1, 0, 2),
     "lm_head per-token": (2, 1, 4),  # logits and their log-softmax kept; recompute, like an MLP
-    "attention": (1, 0, 0),
+    "attention": (1, 0, 5),  # rewritten: one block's bool mask and SDPA's float bias of it
     "moe experts": (2, 1, 4),  # in units of the largest dispatch tensor (see the docstring)
 }
 
@@ -67,7 +69,7 @@ METHOD = (
     "the sites' own tensors: the rest of the model is the same with and without mst. Per site, N tokens, "
     "width d -> W (I or V), s bytes per element, chunks of c tokens: kept for backward 3NIs (gated MLP), "
     "2NIs (plain MLP), NVs (LM head), 2NVs (per-token head: logits, log-softmax); its backward adds NIs (MLP), NVs "
-    "(per-token head) or 0 (LM head; 2NVs if the logits are returned); an attention mask keeps B Nq Nkv bytes; routed experts keep about 2NWs and add NWs (W: elements per token of the largest dispatch tensor), 4cWs rewritten; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain), a per-token head 4cVs; the LM head keeps (N+V)ds "
+    "(per-token head) or 0 (LM head; 2NVs if the logits are returned); an attention mask keeps B Nq Nkv bytes, 0 rewritten to is_causal and 5 B c Nkv by blocks of c queries; routed experts keep about 2NWs and add NWs (W: elements per token of the largest dispatch tensor), 4cWs rewritten; a checkpointed MLP keeps 0 and adds the sum. Rewritten, an MLP keeps nothing extra and adds 6cIs (4cIs plain), a per-token head 4cVs; the LM head keeps (N+V)ds "
     "of gradients and adds the larger of 2cVs (a chunk's logits and their gradient) and (N+V)ds (the gradients scaled in its backward). Backward runs the sites in reverse: peak = max over sites i of (kept by "
     "sites 1..i + added by site i); saving = peak before - peak after."
 )
@@ -109,6 +111,9 @@ def estimate_site(site: SiteReport) -> SiteMemory:
         kept_before, added_before = 0, kept_before + added_before
     if not site.rewritten:
         return SiteMemory(kept_before, added_before, kept_before, added_before)
+    if site.kind == "attention":  # is_causal: no mask at all; blocks: B·c rows of the mask
+        block_rows = -(-site.tokens // site.chunks) if site.chunks else 0
+        return SiteMemory(kept_before, added_before, 0, chunk_tensors * block_rows * site.amplified_width)
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
         return SiteMemory(kept_before, added_before, 0, chunk)

@@ -40,7 +40,7 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         reason                 why the site was left alone, or null
         chunks                 M, the number of mini-sequences at the traced length (its size hint
                                when dynamic: the runtime cuts each call's own length), or null
-        chunk_rows             tokens in the largest of them, or null
+        chunk_rows             tokens in the largest of them, or null (attention: queries per block of each sequence)
         tokens, in_width, amplified_width, itemsize    N, d, I or V, bytes per element (null when unknown);
                                moe experts: W is the elements per token of the largest dispatch tensor;
                                attention: B x Nq rows, head width, Nkv, 1 (the bool mask's)
@@ -49,6 +49,9 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                                are returned deferred (`mst_fx.runtime.deferred_logits`) (null for other sites)
         checkpointed           mlp: inside an activation-checkpoint body (null when not known)
         calls                  attention: the SDPA calls that take the mask (null for other kinds)
+        mask                   attention: the terms read, joined by " & ": "causal", "window w", "chunks of c",
+                               "documents", "causal by position", "padding", or a term as written (null
+                               when unread or for other kinds). chunks null: is_causal, no mask at all.
         token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
                                the traced code names them, e.g. "logps (gather)" (null for other kinds)
         experts, top_k         moe experts: the routed experts and the experts per token (null for other kinds)
