@@ -46,6 +46,9 @@ class FamilyResult:
     mlp_rewritten: int = 0
     experts_found: int = 0  # routed-expert sites the experts pass found (rewritten or left alone)
     experts_rewritten: int = 0
+    masks_found: int = 0  # attention masks the attention pass found (one per mask, shared by its layers)
+    masks_rewritten: int = 0
+    mask_forms: list[str] = dataclasses.field(default_factory=list)  # the terms read, per rewritten mask
     lm_head: bool = False
     rewritten: bool = False  # any site rewritten
     parity: bool | None = None
@@ -135,6 +138,9 @@ def _record_sites(result: FamilyResult, reports) -> None:
     result.mlp_rewritten = sum(s.rewritten for s in mlps)
     experts = [s for s in sites if s.kind == "moe experts"]
     result.experts_found, result.experts_rewritten = len(experts), sum(s.rewritten for s in experts)
+    masks = [s for s in sites if s.kind == "attention"]
+    result.masks_found, result.masks_rewritten = len(masks), sum(s.rewritten for s in masks)
+    result.mask_forms = sorted({s.mask for s in masks if s.rewritten and s.mask})
     result.lm_head = any(s.rewritten for s in sites if s.kind == "lm_head")
     result.rewritten = any(s.rewritten for s in sites)
     result.left_alone = [f"{s.kind} at {s.location}: {s.reason}" for s in sites if not s.rewritten]
@@ -296,18 +302,27 @@ def summary_line(results: list[FamilyResult]) -> str:
         f"have every routed-expert site rewritten, {sum(r.experts_found == 0 for r in moe)} none found"
         if moe else ""
     )
+    masked = [r for r in built if r.masks_found]
+    beyond_causal = [r for r in masked if any(f != "causal" for f in r.mask_forms)]
+    masks = (
+        f"; of {len(masked)} families that build an attention mask, {sum(r.masks_rewritten == r.masks_found for r in masked)} "
+        f"run every mask without it ({len(beyond_causal)} with terms beyond causal: windows, chunks, ...)"
+        if masked else ""
+    )
     return (
         f"{len(results)} families: {len(built)} built and run, {not_built} not built, {errors} errors; "
         f"{len(complete)} of {len(built)} ({share}) fully rewritten (every layer's MLP and the LM head) "
-        f"with parity, {len(partial)} partly rewritten with parity, {len(failed)} parity failures{experts}"
+        f"with parity, {len(partial)} partly rewritten with parity, {len(failed)} parity failures{experts}{masks}"
     )
 
 
 def table(results: list[FamilyResult]) -> str:
     from tabulate import tabulate
 
-    rows = [[r.family, r.model_class, _mlp_cell(r), _experts_cell(r), _head_cell(r), _parity_cell(r), _notes(r)] for r in results]
-    headers = ["family", "model class", "MLP rewritten/found/layers", "routed experts rewritten/found", "LM head", "parity", "notes"]
+    rows = [[r.family, r.model_class, _mlp_cell(r), _experts_cell(r), _head_cell(r), _masks_cell(r), _parity_cell(r), _notes(r)]
+            for r in results]  # fmt: skip
+    headers = ["family", "model class", "MLP rewritten/found/layers", "routed experts rewritten/found", "LM head",
+               "attention masks rewritten/found: terms", "parity", "notes"]  # fmt: skip
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -319,6 +334,12 @@ def _experts_cell(r: FamilyResult) -> str:
     if r.status != "ran" or not (r.moe or r.experts_found):
         return "-"
     return f"{r.experts_rewritten}/{r.experts_found}"
+
+
+def _masks_cell(r: FamilyResult) -> str:
+    if r.status != "ran" or not r.masks_found:
+        return "-"
+    return f"{r.masks_rewritten}/{r.masks_found}" + (f": {'; '.join(r.mask_forms)}" if r.mask_forms else "")
 
 
 def _head_cell(r: FamilyResult) -> str:
@@ -388,7 +409,9 @@ def document(results: list[FamilyResult], command: str, seconds: float) -> str:
         "pass found (rewritten or left alone; shared experts and multi-token-prediction layers add to",
         "one per layer), layers with an MLP (dense or mixture-of-experts) in the config. *Parity*: the loss within",
         f"rtol {RTOL:g} and every parameter's gradient within rtol {RTOL:g}, atol {ATOL:g} of eager (fp32);",
-        "the largest absolute errors are shown. A site left alone is listed with the pass's reason.",
+        "the largest absolute errors are shown. *Attention masks*: the N x N masks transformers builds under",
+        "compile (one per mask type, shared by the layers taking it), run without the mask, and the terms",
+        "read from each. A site left alone is listed with the pass's reason.",
         "",
         f"Regenerate: `{command}` (took {_duration(seconds)} on 2 CPU cores).",
         "",
