@@ -223,7 +223,7 @@ def _log_report(report: GraphReport) -> None:
         )
     for site in report.sites:
         if site.rewritten:
-            log.debug("mst: rewrote %s at %s into %d chunks", site.kind, site.location, site.chunks)
+            log.debug("mst: rewrote %s at %s: %s", site.kind, site.location, _what_was_done(site))
         else:
             _log_once(
                 (site.kind, site.location, site.reason),
@@ -233,6 +233,14 @@ def _log_report(report: GraphReport) -> None:
                 site.location,
                 site.reason,
             )
+
+
+def _what_was_done(site: SiteReport) -> str:
+    if site.kind != "attention":
+        return f"{site.chunks} chunks"
+    if not site.chunks:
+        return f"mask {site.mask}: SDPA with is_causal, no mask"
+    return f"mask {site.mask}: {site.chunks} blocks of {site.chunk_rows} queries, no N x N mask"
 
 
 def _ddp_optimizer_split_this_graph() -> bool:

@@ -198,3 +198,11 @@ def test_one_dynamic_graph_serves_every_length():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert len(mst_fx.compiled_reports()) == 1
     assert [s.rewritten for s in attention_sites()] == [True]
+
+
+def test_the_debug_log_says_what_was_done_with_each_mask(caplog):
+    ids, labels, mask, _ = batch("gemma3", padded=False)
+    with caplog.at_level("DEBUG", logger="mst_fx"):
+        assert_parity(build("gemma3"), loss, (ids, labels, mask, None), chunk_size=8)
+    lines = [r.getMessage() for r in caplog.records if "rewrote attention" in r.getMessage()]
+    assert any("mask window 8 & causal & padding: 5 blocks of 8 queries" in line for line in lines), lines
