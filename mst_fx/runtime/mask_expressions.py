@@ -234,8 +234,9 @@ def _compare_reach(expr: tuple, leaves, index) -> Tensor | None:
     return COMPARE[op](keyed, extreme)
 
 
-def _isin_per_batch(keyed: Tensor, queried: Tensor) -> Tensor:
-    """keyed (B?, H?, 1, N) in the set of queried (B?, H?, c, 1) values of the same batch row."""
+def _isin_per_batch(keyed: Tensor, queried: Tensor) -> Tensor | None:
+    """keyed (B?, H?, 1, N) in the set of queried (B?, H?, c, 1) values of the same batch row; None
+    (no bound) when either varies along heads."""
     if keyed.shape[1] != 1 or queried.shape[1] != 1:
         return None
     batch = max(keyed.shape[0], queried.shape[0])

@@ -84,38 +84,43 @@ def _span(flags: Tensor) -> range:
     return range(int(where[0]), int(where[-1]) + 1) if len(where) else range(0)
 
 
-def _is_causal_now(leaves, padding, causal_otherwise, q, k) -> bool:
-    # One host sync per padding tensor, as Hugging Face's own check has.
-    return causal_otherwise and q.shape[-2] == k.shape[-2] and all(bool(leaves[i].all()) for i in padding)
+IS_CAUSAL = "is_causal"  # a whole-tensor "block" whose mask SDPA's is_causal computes
+
+
+def _plan(q, k, leaves, mask, padding, causal_otherwise, sizes, policy):
+    """(queries, keys, mask block, None or IS_CAUSAL) to run: one is_causal call over everything when
+    the mask is causal but for padding and no padding tensor holds a False (one host sync per
+    padding tensor, as Hugging Face's own check has); the blocks otherwise."""
+    if causal_otherwise and q.shape[-2] == k.shape[-2] and all(bool(leaves[i].all()) for i in padding):
+        return [(range(q.shape[-2]), range(k.shape[-2]), IS_CAUSAL)]
+    return _blocks(q, k, leaves, mask, sizes, policy)
+
+
+def _sdpa(q, k, v, part, scale, enable_gqa) -> Tensor:
+    causal = part is IS_CAUSAL
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if causal else part, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 def _attention(q, k, v, leaves, mask, padding, causal_otherwise, sizes, policy, scale, enable_gqa) -> Tensor:
-    if _is_causal_now(leaves, padding, causal_otherwise, q, k):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-    for queries, keys, part in _blocks(q, k, leaves, mask, sizes, policy):
+    for queries, keys, part in _plan(q, k, leaves, mask, padding, causal_otherwise, sizes, policy):
         if keys is not None:
             rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
-            out[:, :, rows] = F.scaled_dot_product_attention(
-                q[:, :, rows], k[:, :, cols], v[:, :, cols], attn_mask=part, scale=scale, enable_gqa=enable_gqa
-            )
+            out[:, :, rows] = _sdpa(q[:, :, rows], k[:, :, cols], v[:, :, cols], part, scale, enable_gqa)
     return out
 
 
 def _attention_backward(grad_out, q, k, v, leaves, mask, padding, causal_otherwise, sizes, policy, scale, enable_gqa):
-    if _is_causal_now(leaves, padding, causal_otherwise, q, k):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=scale, enable_gqa=enable_gqa)
-        return list(torch.autograd.grad(out, inputs, grad_out))
     wide = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide)
-    for queries, keys, part in _blocks(q, k, leaves, mask, sizes, policy):
+    for queries, keys, part in _plan(q, k, leaves, mask, padding, causal_otherwise, sizes, policy):
         if keys is None:
             continue
         rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
         inputs = [t.detach().requires_grad_() for t in (q[:, :, rows], k[:, :, cols], v[:, :, cols])]
-        out = F.scaled_dot_product_attention(*inputs, attn_mask=part, scale=scale, enable_gqa=enable_gqa)
-        grads = torch.autograd.grad(out, inputs, grad_out[:, :, rows])
+        grads = torch.autograd.grad(_sdpa(*inputs, part, scale, enable_gqa), inputs, grad_out[:, :, rows])
         dq[:, :, rows] = grads[0]
         dk[:, :, cols] += grads[1]
         dv[:, :, cols] += grads[2]
