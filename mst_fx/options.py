@@ -10,10 +10,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from mst_fx.runtime import memory_budget
 from mst_fx.runtime.chunk_plan import ChunkPolicy
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 GRAD_ACCUMULATIONS = ("fp32", "param")
+DEFAULT_BUDGET = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,11 @@ class MstOptions:
     grad_accumulation: where a chunked site sums its weight gradients over chunks: "fp32" (an fp32
                  accumulator, whatever the weight's dtype) or "param" (in place in the weight's
                  own dtype: no extra memory for bf16/fp16 weights, one rounding per chunk).
+    memory_budget: the memory the chunked sites may hold (`mst_fx.runtime.memory_budget`): bytes
+                 (an int, or a string such as "6GiB"), "auto" (half of the memory free on the
+                 device at the first step), or "off" (always chunk at chunk_size="auto"'s rule and
+                 recompute). Within it, a site keeps its intermediates instead of recomputing
+                 them, and takes the fewest chunks that fit. Only with chunk_size and chunks "auto".
     """
 
     chunk_size: int | str = "auto"
@@ -48,6 +55,7 @@ class MstOptions:
     keep_logits: bool = False
     compiler: str = "inductor"
     grad_accumulation: str = "fp32"
+    memory_budget: int | str = DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "chunks"):
@@ -69,6 +77,19 @@ class MstOptions:
             raise ValueError(
                 f"mst option 'grad_accumulation' must be one of {GRAD_ACCUMULATIONS}, got {self.grad_accumulation!r}"
             )
+
+        budget = memory_budget.parse_budget(self.memory_budget)
+        fixed = self.chunk_size != "auto" or self.chunks != "auto"
+        if fixed and budget not in (memory_budget.parse_budget(DEFAULT_BUDGET), memory_budget.OFF):
+            raise ValueError(
+                f"mst option 'memory_budget' ({self.memory_budget!r}) decides the chunking, which "
+                "'chunk_size' or 'chunks' fixes; give one of them (or memory_budget='off')"
+            )
+
+    @property
+    def budget(self) -> int | str:
+        """The memory budget's setting: bytes, "auto" or "off" (see `memory_budget`)."""
+        return memory_budget.parse_budget(self.memory_budget)
 
     @property
     def policy(self) -> ChunkPolicy:

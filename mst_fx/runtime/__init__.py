@@ -5,6 +5,7 @@ the logits placeholders the caller gets when the loss is computed outside the gr
     chunked_token_ops.py  the per-token head (`mst::linear_rows_*`): values kept per token
     chunk_bodies.py       one chunk's forward and backward, compiled once per site
     chunk_plan.py         how many tokens each chunk takes
+    memory_budget.py      per call: keep the intermediates or recompute, and how many chunks fit
     mask_expressions.py   an attention mask as an expression of its indices, evaluated by blocks
     masked_attention.py   the `mst::masked_attention` op: attention by blocks of queries, no N x N mask
     deferred_logits.py    `DeferredLogits`: returned logits the loss outside chunks on use

@@ -115,23 +115,102 @@ def forward_body(chunk: Callable, present: Sequence[bool], autocast_dtype):
     return body
 
 
-def gradient_body(chunk: Callable, present: Sequence[bool], needs: Sequence[bool], autocast_dtype, with_loss: bool):
+def keeping_forward_body(chunk: Callable, present: Sequence[bool], autocast_dtype):
+    """(x, *params) -> (out, *kept), and a list that receives, at trace, which linear calls (in
+    order) the kept tensors are the outputs of: every linear's but the one whose output is `out`."""
+    positions: list[tuple[int, ...]] = []
+    count = sum(present)
+
+    def body(x, *rest):
+        params = _with_nones(rest[:count], present)
+        outputs: list[Tensor] = []
+        compute = plain_linear(params)
+
+        def linear(inp, w, b, transposed):
+            if autocast_dtype is not None:
+                inp = inp.to(autocast_dtype)
+            outputs.append(compute(inp, w, b, transposed))
+            return outputs[-1]
+
+        with autocast(x.device.type, autocast_dtype):
+            out = chunk(linear, x, params)
+        kept = [i for i, o in enumerate(outputs) if o is not out]
+        positions[:] = [tuple(kept)]
+        return (out, *(outputs[i] for i in kept))
+
+    return body, positions
+
+
+class _Replayed(torch.autograd.Function):
+    """A linear's output replayed from what the forward kept: no matmul forward; backward gives
+    its input's gradient, d(out) @ W (the weight's is the caller's, from d(out) and the input)."""
+
+    @staticmethod
+    def forward(ctx, inp: Tensor, weight: Tensor, value: Tensor, transposed: bool) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.transposed = transposed
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        weight = weight.to(grad.dtype)
+        grad_inp = grad.mm(weight.t() if ctx.transposed else weight) if ctx.needs_input_grad[0] else None
+        return grad_inp, None, None, None
+
+
+def _replaying_linear(params, records: list[_Recorded], autocast_dtype, replay: tuple[int, ...], kept: list[Tensor]):
+    """`_recording_linear` whose k-th call returns the k-th kept output instead of computing it; the
+    one call not kept (the output's) returns zeros of its shape, whose value nothing reads."""
+    calls = iter(range(len(replay) + 1))
+
+    def linear(inp, w, b, transposed):
+        if autocast_dtype is not None:
+            inp = inp.to(autocast_dtype)
+        call, weight = next(calls), params[w]
+        if call in replay:
+            value = kept[replay.index(call)]
+        else:
+            width = weight.shape[1] if transposed else weight.shape[0]
+            value = inp.new_zeros(()).expand(inp.shape[0], width)
+        out = _Replayed.apply(inp, weight, value, transposed)
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+        records.append(_Recorded(w, b, transposed, inp, out))
+        return out
+
+    return linear
+
+
+def gradient_body(
+    chunk: Callable, present: Sequence[bool], needs: Sequence[bool], autocast_dtype, with_loss: bool,
+    replay: tuple[int, ...] | None = None,
+):  # fmt: skip
     """(x_c, seed, *params, *extra) -> flat results, and a list that receives the Layout at trace.
 
     `needs`: for x, then each param, whether its gradient is wanted. `seed`: the gradient of the
-    chunk's output (MLP), or the loss's scale (LM head, `with_loss`)."""
+    chunk's output (MLP), or the loss's scale (LM head, `with_loss`). `replay`: the forward kept
+    its linears' outputs (`keeping_forward_body`); they are the last `len(replay)` of `extra`, and
+    the chunk is replayed from them: only its elementwise ops run again, no matmul of the forward."""
     layouts: list[Layout] = []
     count = sum(present)
 
     def body(x, seed, *rest):
         params, extra = _with_nones(rest[:count], present), rest[count:]
+        kept: list[Tensor] = []
+        if replay is not None:
+            extra, kept = extra[: len(extra) - len(replay)], list(extra[len(extra) - len(replay) :])
         records: list[_Recorded] = []
         with torch.enable_grad(), autocast(x.device.type, autocast_dtype):
             x = x.detach().requires_grad_(needs[0])
             # Params no linear takes are differentiated directly; which ones is known after the
             # chunk runs, so each param that may be one is a leaf that requires grad.
             params = [p.detach().requires_grad_(need) if p is not None else None for p, need in zip(params, needs[1:])]
-            out = chunk(_recording_linear(params, records, autocast_dtype), x, params, *extra)
+            if replay is None:
+                linear = _recording_linear(params, records, autocast_dtype)
+            else:
+                linear = _replaying_linear(params, records, autocast_dtype, replay, kept)
+            out = chunk(linear, x, params, *extra)
             grad_seed = seed.to(out.dtype) if with_loss else seed
             wanted = [r for r in records if needs[1 + r.weight] or (r.bias is not None and needs[1 + r.bias])]
             taken = {i for r in records for i in (r.weight, r.bias)}

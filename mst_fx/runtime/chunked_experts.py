@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import Tensor, fx
 
-from . import chunk_bodies
+from . import chunk_bodies, memory_budget
 from .chunked_ops import _autocast_dtype, _ChunkedSite, _site, refuse_double_backward
 from .site_options import SiteOptions
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 class ChunkedExperts(_ChunkedSite):
     """`region(*rows, *whole)` over chunks of tokens; backward recomputes one chunk at a time."""
+
+    WORK_TENSORS = 4  # `memory_estimate`'s figure, in units of the largest dispatch tensor
 
     def __init__(
         self, region: fx.GraphModule, row_count: int, output: tuple[tuple[int, ...], torch.dtype],
@@ -49,6 +51,7 @@ class ChunkedExperts(_ChunkedSite):
         `sparsity`: experts over experts per token, E / k (it scales the policy's chunk floor)."""
         super().__init__(widths, options)
         self.region, self.row_count, self.sparsity = region, row_count, sparsity
+        self.floor_scale = sparsity
         self.out_tail, self.out_dtype = output
         self.traceable = True  # False once a body could not be traced at fixed shapes
         self.register(row_count, output, sparsity, region.code)
@@ -64,7 +67,7 @@ class ChunkedExperts(_ChunkedSite):
 
 
 def _chunks(site: ChunkedExperts, rows: list[Tensor]) -> list[tuple[int, int]]:
-    return site.policy.chunks(rows[0].shape[0], site.in_width, site.amplified_width, rows[0].device.type, site.sparsity)
+    return site.chunks_of(rows[0])
 
 
 def _forward_body(region, autocast_dtype):
@@ -173,7 +176,9 @@ def experts_backward(
     autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
     rows, whole = _split(row_count, inputs)
-    return _backward_loop(_site(site), rows, whole, grad_out.contiguous(), needs, autocast_dtype)
+    experts = _site(site)
+    memory_budget.note_backward(experts.budget, grad_out.device)
+    return _backward_loop(experts, rows, whole, grad_out.contiguous(), needs, autocast_dtype)
 
 
 @experts_backward.register_fake

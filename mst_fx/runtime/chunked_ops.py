@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import chunk_bodies
+from . import chunk_bodies, memory_budget
+from .chunk_plan import ChunkPolicy
 from .site_options import SiteOptions
 
 
@@ -61,7 +62,7 @@ def _runtime_version() -> str:
     from pathlib import Path
 
     here = Path(__file__).parent
-    code = b"".join((here / name).read_bytes() for name in ("chunked_ops.py", "chunked_token_ops.py", "chunked_experts.py", "chunk_bodies.py", "chunk_plan.py"))
+    code = b"".join((here / name).read_bytes() for name in ("chunked_ops.py", "chunked_token_ops.py", "chunked_experts.py", "chunk_bodies.py", "chunk_plan.py", "memory_budget.py"))
     return hashlib.sha1(code).hexdigest()[:16]
 
 
@@ -73,22 +74,48 @@ _SITES: dict[str, _ChunkedSite] = {}
 
 
 class _ChunkedSite(nn.Module):
-    """A site's description (`chunk`), its chunk policy and the compiler of its bodies."""
+    """A site's description (`chunk`), its chunk policy, its memory budget and the compiler of its bodies."""
+
+    # chunk x W tensors (W: the amplified width) one chunk holds at its largest: `memory_estimate`'s
+    # figures for a gated MLP's backward, rounded up for the other kinds
+    WORK_TENSORS = 6
+    floor_scale = 1.0  # scales the lean rule's chunk floor (routed experts: E / k)
 
     def __init__(self, widths: tuple[int, int], options: SiteOptions):
         super().__init__()
         self.in_width, self.amplified_width = widths
         self.policy, self.compiler = options.policy, options.compiler
         self.fp32_accumulation = options.grad_accumulation == "fp32"
+        fixed = self.policy.rows is not None or self.policy.count is not None
+        self.budget = memory_budget.OFF if fixed else options.budget  # fixed chunking is not the budget's to change
 
     def register(self, *description) -> None:
-        settings = (self.policy, self.compiler, self.fp32_accumulation)
+        settings = (self.policy, self.compiler, self.fp32_accumulation, self.budget)
         text = repr((_RUNTIME_VERSION, type(self).__name__, self.in_width, self.amplified_width, *settings, *description))
         self.key = f"{type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
         _SITES[self.key] = self
+        memory_budget.expect(self.budget, self.key, self.lean_chunk_bytes)
 
-    def chunks_of(self, x: Tensor) -> list[tuple[int, int]]:
-        return self.policy.chunks(x.shape[0], self.in_width, self.amplified_width, x.device.type)
+    def work_row_bytes(self, x: Tensor) -> int:
+        """Bytes per row of one chunk's intermediates, at their largest."""
+        return self.WORK_TENSORS * self.amplified_width * x.element_size()
+
+    def lean_rows(self, tokens: int, device_type: str) -> int:
+        return self.policy.rows_for(tokens, self.in_width, self.amplified_width, device_type, self.floor_scale)
+
+    def lean_chunk_bytes(self, tokens: int, device_type: str) -> int:
+        """One chunk at the lean rule, in fp32 (the most it can be): what other sites reserve for it."""
+        return min(tokens, self.lean_rows(tokens, device_type)) * self.WORK_TENSORS * self.amplified_width * 4
+
+    def decide(self, x: Tensor, keep_row: int = 0) -> memory_budget.Decision:
+        """This call's decision (`memory_budget.py`); `keep_row`: bytes per row it would keep, 0 if it can't."""
+        lean = self.lean_rows(x.shape[0], x.device.type)
+        return memory_budget.decide(self.budget, self.key, x, keep_row, self.work_row_bytes(x), lean, keep_row > 0)
+
+    def chunks_of(self, x: Tensor, decision: memory_budget.Decision | None = None) -> list[tuple[int, int]]:
+        decision = decision or self.decide(x)
+        policy = self.policy if decision.budget is None else ChunkPolicy(rows=decision.rows)
+        return policy.chunks(x.shape[0], self.in_width, self.amplified_width, x.device.type, self.floor_scale)
 
     def chunk(self, linear, x: Tensor, params, *extra) -> Tensor:
         raise NotImplementedError
@@ -113,12 +140,12 @@ def _probe(site: _ChunkedSite, x: Tensor, params, autocast_dtype, *extra) -> Ten
 # ---------------------------------------------------------------- the loops
 
 
-def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> Tensor:
+def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, decision=None) -> Tensor:
     probe = _probe(site, x, params, autocast_dtype)
     out = x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype)
     tensors, present = _present(params)
     body = chunk_bodies.forward_body(site.chunk, present, autocast_dtype)
-    for start, length in site.chunks_of(x):
+    for start, length in site.chunks_of(x, decision):
         inputs = [x.narrow(0, start, length), *tensors]
         entry = chunk_bodies.compiled((site.key, "forward", present, autocast_dtype), body, None, inputs, site.compiler)
         (out_c,) = chunk_bodies.run(entry, inputs)
@@ -126,15 +153,37 @@ def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -
     return out
 
 
-def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss):
-    """(fp32 loss sum or None, grad_x or None, [gradient or None per param]) over all chunks."""
+def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype):
+    """All rows as one chunk: (output, the intermediates its backward replays, where they go)."""
     tensors, present = _present(params)
-    body, layouts = chunk_bodies.gradient_body(site.chunk, present, needs, autocast_dtype, with_loss)
-    key = (site.key, "gradient", present, tuple(needs), autocast_dtype)
+    body, positions = chunk_bodies.keeping_forward_body(site.chunk, present, autocast_dtype)
+    inputs = [x, *tensors]
+    entry = chunk_bodies.compiled((site.key, "keeping", present, autocast_dtype), body, positions, inputs, site.compiler)
+    out, *kept = chunk_bodies.run(entry, inputs)
+    return out, kept, entry[1]
+
+
+def _kept_row_bytes(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> int:
+    """Bytes per row that keeping this site's intermediates costs (traced on zero rows)."""
+    rows = x.narrow(0, 0, 0)
+    tensors, present = _present(params)
+    body, _ = chunk_bodies.keeping_forward_body(site.chunk, present, autocast_dtype)
+    with torch.no_grad():
+        kept = body(rows, *tensors)[1:]
+    return sum(k.shape[1:].numel() * k.element_size() for k in kept)
+
+
+def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss, replay=None, chunks=None):
+    """(fp32 loss sum or None, grad_x or None, [gradient or None per param]) over all chunks.
+    `replay`: where the kept intermediates (the last of `extra_of`'s tensors) go, when the backward
+    replays them instead of recomputing; `chunks`: (start, length) pairs, else the site's decision."""
+    tensors, present = _present(params)
+    body, layouts = chunk_bodies.gradient_body(site.chunk, present, needs, autocast_dtype, with_loss, replay)
+    key = (site.key, "gradient", present, tuple(needs), autocast_dtype, replay)
     grad_x = torch.empty_like(x) if needs[0] else None
     accumulators = [_accumulator(p, site.fp32_accumulation) if need else None for p, need in zip(params, needs[1:])]
     loss = x.new_zeros((), dtype=torch.float32) if with_loss else None
-    for start, length in site.chunks_of(x):
+    for start, length in chunks or site.chunks_of(x):
         x_c, seed = x.narrow(0, start, length), seed_of(start, length)
         inputs = [x_c, seed, *tensors, *extra_of(start, length)]
         entry = chunk_bodies.compiled(key, body, layouts, inputs, site.compiler)
@@ -188,31 +237,50 @@ def _contiguous(tensors):
 
 
 @torch.library.custom_op("mst::mlp_forward", mutates_args=())
-def mlp_forward(site: str, x: Tensor, params: list[Tensor | None], autocast_dtype: torch.dtype | None) -> Tensor:
+def mlp_forward(
+    site: str, x: Tensor, params: list[Tensor | None], autocast_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(output, ticket): the ticket names the intermediates kept for backward, when the budget let
+    this call keep them (`memory_budget.py`); 0 when the backward is to recompute them."""
+    mlp = _site(site)
     x, *params = _contiguous([x, *params])
-    return _forward_loop(_site(site), x, params, autocast_dtype)
+    decision = mlp.decide(x, _kept_row_bytes(mlp, x, params, autocast_dtype))
+    if not decision.keep:
+        return _forward_loop(mlp, x, params, autocast_dtype, decision), memory_budget.no_ticket()
+    out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype)
+    nbytes = sum(t.numel() * t.element_size() for t in kept)
+    return out, memory_budget.ledger(x.device).keep((positions, kept), nbytes)
 
 
 @mlp_forward.register_fake
 def _(site, x, params, autocast_dtype):
     probe = _probe(_site(site), x, params, autocast_dtype)
-    return x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype)
+    return x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype), memory_budget.no_ticket()
 
 
 @torch.library.custom_op("mst::mlp_backward", mutates_args=())
 def mlp_backward(
-    site: str, x: Tensor, grad_out: Tensor, params: list[Tensor | None], needs: list[bool],
+    site: str, x: Tensor, ticket: Tensor, grad_out: Tensor, params: list[Tensor | None], needs: list[bool],
     autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
     x, grad_out, *params = _contiguous([x, grad_out, *params])
+    mlp = _site(site)
+    memory_budget.note_backward(mlp.budget, x.device)
+    kept = memory_budget.ledger(x.device).take(ticket)
+    replay, chunks, extra_of = None, None, lambda s, n: ()
+    if kept is not None:  # one chunk, replayed from what the forward kept: no recompute
+        replay, tensors = kept
+        chunks, extra_of = [(0, x.shape[0])], lambda s, n: tensors
     _, grad_x, grads = _gradient_loop(
-        _site(site), x, lambda s, n: grad_out.narrow(0, s, n), params, lambda s, n: (), needs, autocast_dtype, False
-    )
+        mlp, x, lambda s, n: grad_out.narrow(0, s, n), params, extra_of, needs, autocast_dtype, False,
+        replay, chunks,
+    )  # fmt: skip
+    del kept
     return [g for g in [grad_x, *grads] if g is not None]
 
 
 @mlp_backward.register_fake
-def _(site, x, grad_out, params, needs, autocast_dtype):
+def _(site, x, ticket, grad_out, params, needs, autocast_dtype):
     return [torch.empty_like(t) for t, need in zip([x, *params], needs) if need]
 
 
@@ -264,15 +332,16 @@ class _ChunkedMLPFunction(torch.autograd.Function):
         # The autocast state is read while the graph is traced, where it is the forward's (the
         # ambient one and any region the model enters), and handed to both ops as a constant.
         ctx.key, ctx.autocast = key, _autocast_dtype(x)
-        ctx.save_for_backward(x, *params)
-        return torch.ops.mst.mlp_forward(key, x, list(params), ctx.autocast)
+        out, ticket = torch.ops.mst.mlp_forward(key, x, list(params), ctx.autocast)
+        ctx.save_for_backward(x, ticket, *params)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         refuse_double_backward()
-        x, *params = ctx.saved_tensors
+        x, ticket, *params = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[1:])
-        grads = iter(torch.ops.mst.mlp_backward(ctx.key, x, grad_out, params, needs, ctx.autocast))
+        grads = iter(torch.ops.mst.mlp_backward(ctx.key, x, ticket, grad_out, params, needs, ctx.autocast))
         return None, *(next(grads) if need else None for need in needs)
 
 
@@ -396,6 +465,11 @@ def head_logits(linear, x, params, form: CrossEntropyForm):
 
 class ChunkedLinearCrossEntropy(_ChunkedSite):
     """The LM head and its cross-entropy chunk by chunk; the N x V logits never exist."""
+
+    WORK_TENSORS = 3  # a chunk's logits, their fp32 log-softmax and their gradient
+
+    def work_row_bytes(self, x: Tensor) -> int:
+        return self.WORK_TENSORS * self.amplified_width * 4
 
     def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, widths: tuple[int, int], options: SiteOptions):
         super().__init__(widths, options)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from . import chunk_bodies
+from . import chunk_bodies, memory_budget
 from .chunked_ops import (
     CrossEntropyForm,
     _autocast_dtype,
@@ -43,6 +43,11 @@ class ChunkedLinearRows(_ChunkedSite):
 
     `row_function`: (logits rows (c, V), *token inputs (c, ...), *whole inputs) -> per-token outputs,
     each (c,) or (c, k). `differentiable`: which outputs carry a gradient."""
+
+    WORK_TENSORS = 4  # a chunk's logits, their log-softmax, and in backward their gradients (fp32)
+
+    def work_row_bytes(self, x: Tensor) -> int:
+        return self.WORK_TENSORS * self.amplified_width * 4
 
     def __init__(
         self, form: CrossEntropyForm, row_function: fx.GraphModule, differentiable: tuple[bool, ...],
@@ -83,6 +88,9 @@ def _flat(tensor: Tensor, lead, tail) -> Tensor:
 
 class _DifferentiableRows(_ChunkedSite):
     """What the backward recomputes: the differentiable outputs, flattened and joined, (c, k) fp32."""
+
+    WORK_TENSORS = ChunkedLinearRows.WORK_TENSORS
+    work_row_bytes = ChunkedLinearRows.work_row_bytes
 
     def __init__(self, site_key: str, widths, options):
         super().__init__(widths, options)
@@ -142,6 +150,7 @@ def linear_rows_backward(
     """The gradients in `needs` (x, then each param). `grad_rows`: (N, k) fp32, the upstream
     gradients of the differentiable outputs, flattened and joined as `_DifferentiableRows` joins them."""
     head = _site(_site(site).gradient_key)
+    memory_budget.note_backward(head.budget, x.device)
     x, grad_rows, *params = _contiguous([x, grad_rows, *params])
     inputs_of = _narrowed(_contiguous(token_inputs), _contiguous(whole_inputs))
     seed_of = lambda start, length: grad_rows.narrow(0, start, length)  # noqa: E731

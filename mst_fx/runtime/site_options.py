@@ -23,3 +23,7 @@ class SiteOptions(Protocol):
     @property
     def grad_accumulation(self) -> str:
         """Where a site sums its weight gradients over chunks: "fp32" or "param"."""
+
+    @property
+    def budget(self) -> int | str:
+        """The memory budget's setting (`memory_budget.py`): bytes, "auto" or "off"."""
