@@ -29,7 +29,7 @@ def explain(model, *example_inputs, example_kwargs: dict | None = None, target: 
     """Trace `model(*example_inputs, **example_kwargs)` with Dynamo and report what mst would do.
 
     `options` are the backend's (`chunk_size`, `chunks`, `mlp`, `lm_head`, `attention`, `keep_logits`,
-    `grad_accumulation`; `compiler` is accepted and unused). Runs with gradients enabled, as a
+    `grad_accumulation`, `memory_budget`; `compiler` is accepted and unused). Runs with gradients enabled, as a
     training step does. Nothing is compiled; each graph runs unrewritten (on meta tensors that costs
     nothing). Raises what the model raises; a bad option raises ValueError before anything runs.
     """

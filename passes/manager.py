@@ -16,6 +16,8 @@
    after `lm_head.py`, which takes the heads whose loss is a scalar in the graph (the cheaper site).
 5. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
    computed outside) is taken out; the caller gets `DeferredLogits`, which chunk the loss there.
+6. `budget_report.py`: rewrites nothing; records what the memory budget decides for each site at
+   the traced length (the runtime decides again at every call).
 
 No two claim the same node (an MLP ends in a linear fed by an elementwise op, an LM head in
 cross_entropy or in the graph's output, attention is SDPA and its mask). The heads (4, 5) are
@@ -34,9 +36,11 @@ from typing import Protocol
 import torch
 from torch import fx
 
+from mst_fx.runtime import memory_budget
 from mst_fx.runtime.site_options import SiteOptions
 
 from .attention import find_attention_sites, rewrite_attention_site
+from .budget_report import plan_budget
 from .checkpoint_bodies import checkpoint_bodies
 from .graph_utils import copy_graph_module, names_in_compiled_module
 from .lm_head import find_lm_head_sites, rewrite_lm_head_site
@@ -122,6 +126,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_
         for body in bodies:
             report.sites += _rewrite_mlps(body, options, checkpointed=True)
     report.sites += experts + heads
+    plan_budget(report.sites, _budget_setting(options), _device_of(example_inputs))
     gm.graph.lint()
     gm.recompile()
     return report
@@ -204,6 +209,16 @@ def _apply(gm: fx.GraphModule, sites, skipped, rewrite_site, options: PassOption
     return reports
 
 
+def _budget_setting(options: PassOptions) -> int | str:
+    """The budget's setting, or "off" where the chunking is fixed (as the runtime's sites read it)."""
+    fixed = options.policy.rows is not None or options.policy.count is not None
+    return memory_budget.OFF if fixed else options.budget
+
+
+def _device_of(example_inputs) -> torch.device:
+    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
 def is_training(example_inputs) -> bool:
     """Dynamo compiles separate graphs per grad mode; this one needs gradients if any input does."""
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
@@ -236,6 +251,8 @@ def _log_report(report: GraphReport) -> None:
 
 
 def _what_was_done(site: SiteReport) -> str:
+    if site.decision is not None:
+        return f"{site.decision}, within a memory budget of {site.budget} bytes"
     if site.kind != "attention":
         return f"{site.chunks} chunks"
     if not site.chunks:

@@ -30,6 +30,8 @@ class SiteReport:
     token_outputs: list[str] | None = None  # lm_head per-token: the values kept per token, "name (op)"
     experts: int | None = None  # moe experts: routed experts in the layer
     top_k: int | None = None  # moe experts: experts per token
+    budget: int | None = None  # bytes the memory budget's decision was made against (None: no budget)
+    decision: str | None = None  # the budget's decision at the traced length, e.g. "kept, no recompute"
 
     @property
     def has_shapes(self) -> bool:

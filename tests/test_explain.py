@@ -44,7 +44,7 @@ def row_of(table: str, location: str) -> str:
 
 
 def test_tiny_llama_lists_every_site_as_rewritten_with_the_backends_chunks():
-    report = explain_llama()
+    report = explain_llama(memory_budget="off")  # the lean rule's chunks (the budget's: test_memory_budget)
     # With use_cache=False and no attention_mask, transformers builds an N x N (packed-sequence) mask.
     expected = ["model.layers.0.self_attn"] + [f"model.layers.{i}.mlp" for i in range(LAYERS)] + ["lm_head"]
     assert [s.location for s in report.sites] == expected
@@ -57,7 +57,7 @@ def test_tiny_llama_lists_every_site_as_rewritten_with_the_backends_chunks():
     torch.manual_seed(0)
     real = tiny_llama(HIDDEN, INTERMEDIATE, LAYERS, VOCAB)
     ids, labels = random_batch(VOCAB, 1, TOKENS)
-    compiled = torch.compile(real, backend=mst_fx.backend(compiler="eager"))
+    compiled = torch.compile(real, backend=mst_fx.backend(compiler="eager", memory_budget="off"))
     compiled(ids, labels=labels, use_cache=False).loss.backward()
     compiled_sites = mst_fx.last_report().sites
     assert [(s.location, s.kind, s.chunks) for s in compiled_sites] == [
@@ -118,6 +118,7 @@ def test_json_round_trips_with_the_documented_keys():
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
         "logits_returned", "loss_outside", "checkpointed", "calls", "mask", "token_outputs", "experts", "top_k",
+        "budget", "decision",
         "largest_intermediate_bytes",
         "estimated_bytes",
     }  # fmt: skip

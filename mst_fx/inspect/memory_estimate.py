@@ -42,7 +42,9 @@ computes in forward; while it does, one chunk's logits and their gradient are li
 in its backward the gradients are scaled into new tensors ((N+V)·d·s); the larger of the two is
 what it adds. An MLP inside an activation-checkpoint body keeps nothing (the checkpoint keeps the
 layer's input, either way) and recomputes its intermediates in its backward. A site left alone
-counts the same before and after; one without shapes counts 0.
+counts the same before and after; one without shapes counts 0. An MLP that the memory budget lets
+keep its intermediates (`mst_fx.runtime.memory_budget`) keeps gate and up (2·N·I·s; N·I·s plain)
+and its backward replays them as one chunk of N.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ _COEFFICIENTS = {
     "attention": (1, 0, 5),  # rewritten: one block's bool mask and SDPA's float bias of it
     "moe experts": (2, 1, 4),  # in units of the largest dispatch tensor (see the docstring)
 }
+
+# N x W tensors a site keeps for backward when the memory budget lets it (gate and up, or fc's output)
+_KEPT_UNDER_BUDGET = {"mlp gated": 2, "mlp fused": 2, "mlp plain": 1}
 
 METHOD = (
     "Estimates from shapes, not measurements (nothing is allocated), for one training step, counting only "
@@ -116,7 +121,8 @@ def estimate_site(site: SiteReport) -> SiteMemory:
         return SiteMemory(kept_before, added_before, 0, chunk_tensors * block_rows * site.amplified_width)
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
-        return SiteMemory(kept_before, added_before, 0, chunk)
+        kept = _KEPT_UNDER_BUDGET.get(site.kind, 0) * full if (site.decision or "").startswith("kept") else 0
+        return SiteMemory(kept_before, added_before, kept, chunk)
     gradients = (site.tokens + site.amplified_width) * site.in_width * site.itemsize
     return SiteMemory(kept_before, added_before, gradients, max(chunk, gradients))
 

@@ -55,6 +55,11 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
                                the traced code names them, e.g. "logps (gather)" (null for other kinds)
         experts, top_k         moe experts: the routed experts and the experts per token (null for other kinds)
+        budget                 bytes the memory budget's decision was made against (`memory_budget`
+                               option; null when off, or for a site it does not decide: attention)
+        decision               that decision at the traced length: "kept, no recompute" (the MLP keeps its
+                               intermediates), "one chunk", or "M chunks of C, recomputed"; under "auto",
+                               the steps' after the first, which runs lean while it is measured
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
     graph_breaks           list, each a graph break Dynamo met while tracing (`mst_fx.tracing.graph_breaks`):

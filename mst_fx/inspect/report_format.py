@@ -15,7 +15,10 @@ from .memory_estimate import METHOD
 if TYPE_CHECKING:  # for annotations only: `ModelReport.__str__` calls this module
     from .model_report import InspectedGraph, ModelReport
 
-SITE_COLUMNS = ["module", "kind", "N x d -> W", "chunks x tokens", "largest before", "largest after", "left alone because"]
+SITE_COLUMNS = [
+    "module", "kind", "N x d -> W", "chunks x tokens", "largest before", "largest after", "memory budget",
+    "left alone because",
+]  # fmt: skip
 TOTAL_COLUMNS = ["graph", "sites", "rewritten", "est. peak before", "est. peak after", "est. saving"]
 BREAK_COLUMNS = ["graph cut at", "cause", "Dynamo's reason", "ran outside every graph", "times"]
 
@@ -90,9 +93,16 @@ def _site_row(graph: InspectedGraph, site: SiteReport, with_graph: bool) -> list
         kind = f"{kind}: {', '.join(site.token_outputs)}"
     row = [
         site.location, kind, shape, _chunking(site),
-        human_bytes(largest[0]), human_bytes(largest[1]), "" if site.rewritten else (site.reason or "?"),
+        human_bytes(largest[0]), human_bytes(largest[1]), _budget(site), "" if site.rewritten else (site.reason or "?"),
     ]  # fmt: skip
     return ([graph.report.compile_id or "-"] if with_graph else []) + row
+
+
+def _budget(site: SiteReport) -> str:
+    """The budget's decision at the traced length, and the budget it was made against."""
+    if site.decision is None:
+        return "-"
+    return f"{site.decision}; of {human_bytes(site.budget)}"
 
 
 def _chunking(site: SiteReport) -> str:

@@ -1,0 +1,64 @@
+"""The memory budget's decision for each site at the traced length, for the report.
+
+The runtime decides per call (`mst_fx.runtime.memory_budget`). This applies the same rule
+(`memory_budget.choose`) to the sites of one graph in forward order, at the length the graph was
+traced with: a site that keeps its intermediates adds them to what the sites after it see as held.
+Under "auto" the budget is what the device has free now, and since the first step runs lean while
+it is measured, the decision shown is that of the steps after it; on the meta device (a dry run of
+a model too big for this machine) there is no device to read, and the lean chunks are shown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mst_fx.runtime import memory_budget
+
+from .report import SiteReport
+
+# Per kind: (N x W tensors a kept site holds, chunk x W tensors of one chunk, those in fp32 whatever
+# the input's dtype). The runtime's classes carry the same figures (`WORK_TENSORS`).
+_ROWS = {
+    "mlp gated": (2, 6, False),
+    "mlp fused": (2, 6, False),
+    "mlp plain": (1, 6, False),
+    "lm_head": (0, 3, True),
+    "lm_head per-token": (0, 4, True),
+    "moe experts": (0, 4, False),
+}
+
+
+def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.device) -> None:
+    """Fill `budget` and `decision` of the budgeted sites, and their chunks as decided."""
+    budgeted = [s for s in sites if s.rewritten and s.has_shapes and s.kind in _ROWS]
+    if setting == memory_budget.OFF or not budgeted:
+        return
+    if setting == memory_budget.AUTO and device.type == "meta":  # a dry run: the device is not known
+        for site in budgeted:
+            site.decision = "auto: decided on the device at run time"
+        return
+    budget = memory_budget.preview(setting, device)
+    lean = [_lean_chunk_bytes(s) for s in budgeted]
+    held = 0
+    for index, site in enumerate(budgeted):
+        keep_row, work_row = _row_bytes(site)
+        reserve = max((b for i, b in enumerate(lean) if i != index), default=0)
+        decision = memory_budget.choose(site.tokens, budget, held, reserve, keep_row, work_row, keep_row > 0)
+        held += site.tokens * keep_row if decision.keep else 0
+        site.budget = budget
+        site.decision = decision.describe(site.tokens, recomputes=site.kind != "lm_head")
+        if setting == memory_budget.AUTO:
+            site.decision = f"{site.decision} (auto: the first step is lean)"
+        site.chunk_rows = min(site.tokens, decision.rows)
+        site.chunks = -(-site.tokens // site.chunk_rows)
+
+
+def _row_bytes(site: SiteReport) -> tuple[int, int]:
+    keep, work, fp32 = _ROWS[site.kind]
+    itemsize = 4 if fp32 else site.itemsize
+    return keep * site.amplified_width * site.itemsize, work * site.amplified_width * itemsize
+
+
+def _lean_chunk_bytes(site: SiteReport) -> int:
+    """The site's chunk at the lean rule, in fp32: what the runtime reserves for it."""
+    return min(site.tokens, site.chunk_rows or site.tokens) * _ROWS[site.kind][1] * site.amplified_width * 4
