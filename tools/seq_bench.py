@@ -52,6 +52,8 @@ SEQ_VARIANTS = {
     "inductor+ckpt+attn": {"variant": "mst", "checkpointing": True, "options": {"mlp": False, "lm_head": False}},
     "mst-noattn": {"variant": "mst", "options": {"attention": False}},
     "mst+ckpt-noattn": {"variant": "mst", "checkpointing": True, "options": {"attention": False}},
+    # mst without a memory budget: every site chunked at the lean rule and recomputed (before issue 28)
+    "mst-lean": {"variant": "mst", "options": {"memory_budget": "off"}},
 }
 DEFAULT_VARIANTS = ("eager", "inductor", "inductor+ckpt", "mst", "mst+ckpt")
 

@@ -58,6 +58,8 @@ class RunSpec:
     moe_intermediate: int = 0  # MoE models: one expert's width (0: the model's default below)
     window: int = 0  # mistral: its sliding window in tokens (0: none, plain causal)
     documents: int = 0  # HF models: pack this many documents in each row (position_ids restarting)
+    # inductor: torch's `activation_memory_budget` (0 recompute all .. 1 its default), or None
+    activation_memory_budget: float | None = None
 
 
 @dataclasses.dataclass
@@ -227,6 +229,8 @@ def compiled(model, spec: RunSpec):
     if spec.variant == "eager":
         return model
     if spec.variant == "inductor":
+        if spec.activation_memory_budget is not None:
+            torch._functorch.config.activation_memory_budget = spec.activation_memory_budget
         return torch.compile(model)
     if spec.variant == "mst":
         return torch.compile(model, backend="mst", options=spec.options or None)
