@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mst_fx.runtime import memory_budget
+from mst_fx.runtime.chunk_plan import ChunkPolicy
 
 from .report import SiteReport
 
@@ -50,7 +51,7 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
         if setting == memory_budget.AUTO:
             site.decision = f"{site.decision} (auto: the first step is lean)"
         site.chunk_rows = min(site.tokens, decision.rows)
-        site.chunks = -(-site.tokens // site.chunk_rows)
+        site.chunks = len(ChunkPolicy(rows=decision.rows).chunks(site.tokens, 1, 1, device.type))
 
 
 def _row_bytes(site: SiteReport) -> tuple[int, int]:

@@ -153,14 +153,23 @@ def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, d
     return out
 
 
-def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype):
-    """All rows as one chunk: (output, the intermediates its backward replays, where they go)."""
+def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, decision):
+    """(output, {start: the intermediates of the piece at start}, where they go in the replay).
+
+    The decision's pieces are one chunk when N is a power of two, else N's binary pieces (512 + 8
+    for 520): a body compiled per power of two serves every length, where one per N would compile
+    again at each new length."""
     tensors, present = _present(params)
     body, positions = chunk_bodies.keeping_forward_body(site.chunk, present, autocast_dtype)
-    inputs = [x, *tensors]
-    entry = chunk_bodies.compiled((site.key, "keeping", present, autocast_dtype), body, positions, inputs, site.compiler)
-    out, *kept = chunk_bodies.run(entry, inputs)
-    return out, kept, entry[1]
+    out, kept, layout = None, {}, None
+    for start, length in site.chunks_of(x, decision):
+        inputs = [x.narrow(0, start, length), *tensors]
+        entry = chunk_bodies.compiled((site.key, "keeping", present, autocast_dtype), body, positions, inputs, site.compiler)
+        out_c, *kept[start] = chunk_bodies.run(entry, inputs)
+        out = x.new_empty((x.shape[0], *out_c.shape[1:]), dtype=out_c.dtype) if out is None else out
+        out.narrow(0, start, length).copy_(out_c)
+        layout = entry[1]
+    return out, kept, layout
 
 
 def _kept_row_bytes(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> int:
@@ -247,8 +256,8 @@ def mlp_forward(
     decision = mlp.decide(x, _kept_row_bytes(mlp, x, params, autocast_dtype))
     if not decision.keep:
         return _forward_loop(mlp, x, params, autocast_dtype, decision), memory_budget.no_ticket()
-    out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype)
-    nbytes = sum(t.numel() * t.element_size() for t in kept)
+    out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype, decision)
+    nbytes = sum(t.numel() * t.element_size() for piece in kept.values() for t in piece)
     return out, memory_budget.ledger(x.device).keep((positions, kept), nbytes)
 
 
@@ -268,9 +277,9 @@ def mlp_backward(
     memory_budget.note_backward(mlp.budget, x.device)
     kept = memory_budget.ledger(x.device).take(ticket)
     replay, chunks, extra_of = None, None, lambda s, n: ()
-    if kept is not None:  # one chunk, replayed from what the forward kept: no recompute
-        replay, tensors = kept
-        chunks, extra_of = [(0, x.shape[0])], lambda s, n: tensors
+    if kept is not None:  # the forward's pieces, replayed from what it kept: no recompute
+        replay, pieces = kept
+        chunks, extra_of = [(start, piece[0].shape[0]) for start, piece in pieces.items()], lambda s, n: pieces[s]
     _, grad_x, grads = _gradient_loop(
         mlp, x, lambda s, n: grad_out.narrow(0, s, n), params, extra_of, needs, autocast_dtype, False,
         replay, chunks,

@@ -14,6 +14,8 @@ every site and every forward since their backward), a site of N tokens decides:
               one chunk, its intermediates kept for backward: no recompute (MLP sites only; the
               LM head computes its gradients in forward and never recomputes anyway)
     one chunk when  held + N·work_row <= budget
+              (one chunk: N itself when a power of two, else N's binary pieces, 512 + 8 for 520,
+              so that bodies compiled per power of two serve every length)
     chunks    of the most rows c (a power of two, at least MIN_ROWS) with held + c·work_row <= budget,
               recomputed in backward; when not even MIN_ROWS fit, the step is over the budget:
               it runs at MIN_ROWS and says so once, at WARNING, with the numbers
@@ -179,7 +181,7 @@ def resolve(setting: int | str, device: torch.device, held: int = 0) -> int | No
 @dataclasses.dataclass(frozen=True)
 class Decision:
     keep: bool  # one chunk, intermediates kept for backward
-    rows: int  # tokens per chunk (all of them: one chunk)
+    rows: int  # tokens per chunk (at least all of them: one chunk)
     budget: int | None  # bytes; None: no budget (the lean rule)
     held: int = 0  # bytes kept by sites when the decision was made
     needs: int = 0  # bytes this call adds on top of `held` at its largest
@@ -189,9 +191,9 @@ class Decision:
         """For a report; `recomputes`: the site recomputes its chunks in backward (all but the LM head)."""
         if self.keep:
             return "kept, no recompute"
-        chunks = -(-tokens // max(1, self.rows))
-        if chunks <= 1:
+        if self.rows >= tokens:
             return "one chunk"
+        chunks = -(-tokens // max(1, self.rows))
         return f"{chunks} chunks of {self.rows}" + (", recomputed" if recomputes else "")
 
 
@@ -199,13 +201,14 @@ def choose(
     tokens: int, budget: int, held: int, reserve: int, keep_row: int, work_row: int, can_keep: bool
 ) -> Decision:
     """The decision of the module docstring, as a pure function of its numbers."""
+    whole = 1 << max(0, tokens - 1).bit_length()  # rows that take all tokens: N's binary pieces
     if can_keep:
         needs = tokens * keep_row + max(tokens * work_row, reserve)
         if held + needs <= budget:
-            return Decision(True, tokens, budget, held, needs)
+            return Decision(True, whole, budget, held, needs)
     room = budget - held
     if tokens * work_row <= room:
-        return Decision(False, tokens, budget, held, tokens * work_row)
+        return Decision(False, whole, budget, held, tokens * work_row)
     rows = MIN_ROWS
     if work_row > 0 and room // work_row >= MIN_ROWS:
         rows = 1 << (int(room // work_row).bit_length() - 1)
