@@ -11,9 +11,10 @@
 weighs most. `sweep`: one model and length, mst's peak and step time against its byte budget, and
 beside it Inductor under torch's `activation_memory_budget` (a ratio) on the same model and length.
 
-Every configuration runs in its own process (`step_runner.py`: one warm-up step that compiles,
-then the measured steps; peak = rise of VmHWM over the first measured one). Under "auto" the
-warm-up is also the step that runs lean while the budget is measured; the measured steps keep.
+Every configuration runs in its own process (`step_runner.py`: two warm-up steps, then the measured
+steps; peak = rise of VmHWM over the first measured one). Under "auto" the first step runs lean
+while the budget is measured and the second is the first that keeps (it compiles the bodies that
+keep), so every variant gets two warm-up steps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import platform
 import sys
 
-from step_runner import RunSpec, run_in_child
+from step_runner import RunSpec, run_in_child, run_script_in_child
 from tabulate import tabulate
 
 LLAMA = {"model": "llama", "hidden": 512, "intermediate": 2048, "layers": 2, "vocab": 32000}
@@ -36,7 +37,7 @@ VARIANTS = {
 
 
 def _run(shape: dict, tokens: int, steps: int, timeout: float, **fields) -> dict:
-    spec = RunSpec(tokens=tokens, steps=steps, **shape, **fields)
+    spec = RunSpec(tokens=tokens, steps=steps, warmup=2, **shape, **fields)
     print(f"running {fields} at {tokens} tokens ...", file=sys.stderr, flush=True)
     try:
         r = run_in_child(spec, timeout=timeout)
@@ -49,8 +50,56 @@ def compare(shape: dict, lengths: list[int], steps: int, timeout: float) -> list
     rows = []
     for tokens in lengths:
         for name, fields in VARIANTS.items():
-            rows.append({"variant": name, **_run(shape, tokens, steps, timeout, **fields)})
+            rows.append({**_run(shape, tokens, steps, timeout, **fields), "variant": name})
     return rows
+
+
+def interleaved(shape: dict, tokens: int, rounds: int, timeout: float) -> dict[str, dict]:
+    """Step times of the three variants compiled in one process and stepped in turn, `rounds`
+    times after two warm-up steps each: machine noise then falls on all of them alike."""
+    payload = {"shape": shape, "tokens": tokens, "rounds": rounds}
+    print(f"timing inductor, mst, mst-lean in turn at {tokens} tokens ...", file=sys.stderr, flush=True)
+    return run_script_in_child(__file__, payload, timeout, "interleaved timing")
+
+
+def _interleaved_child(payload: dict) -> dict:
+    import time
+
+    import torch
+    from step_runner import build, compiled
+
+    spec = RunSpec(variant="inductor", tokens=payload["tokens"], **payload["shape"])
+    model, inputs, loss_fn = build(spec)
+    steppers = {}
+    for name, fields in VARIANTS.items():
+        steppers[name] = compiled(model, RunSpec(tokens=spec.tokens, **payload["shape"], **fields))
+
+    def step(name: str) -> float:
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss_fn(steppers[name], *inputs).backward()
+        return time.perf_counter() - start
+
+    times = {name: [] for name in steppers}
+    for name in steppers:
+        step(name), step(name)
+    for _ in range(payload["rounds"]):
+        for name in steppers:
+            times[name].append(step(name))
+    del torch
+    return {name: {"best_s": min(t), "median_s": sorted(t)[len(t) // 2], "all_s": t} for name, t in times.items()}
+
+
+def timing_table(timings: dict[int, dict[str, dict]]) -> str:
+    table = []
+    for tokens, by_variant in timings.items():
+        base = by_variant["inductor"]["median_s"]
+        lean = by_variant["mst-lean"]["median_s"]
+        for name, t in by_variant.items():
+            table.append([tokens, name, f"{t['median_s']:.2f}", f"{t['best_s']:.2f}", f"{tokens / t['median_s']:.0f}",
+                          _ratio(base, t["median_s"]), _ratio(lean, t["median_s"])])  # fmt: skip
+    headers = ["tokens", "variant", "median step s", "best step s", "tokens/s", "tokens/s / inductor", "tokens/s / mst-lean"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def compare_table(rows: list[dict]) -> str:
@@ -73,10 +122,10 @@ def compare_table(rows: list[dict]) -> str:
 
 
 def sweep(shape: dict, tokens: int, budgets_mb: list[float], ratios: list[float], steps: int, timeout: float):
-    rows = [{"variant": "mst-lean", **_run(shape, tokens, steps, timeout, **VARIANTS["mst-lean"])}]
+    rows = [{**_run(shape, tokens, steps, timeout, **VARIANTS["mst-lean"]), "variant": "mst-lean"}]
     for mb in budgets_mb:
         options = {"memory_budget": int(mb * 2**20)}
-        rows.append({"variant": "mst", "budget_mb": mb, **_run(shape, tokens, steps, timeout, variant="mst", options=options)})
+        rows.append({**_run(shape, tokens, steps, timeout, variant="mst", options=options), "budget_mb": mb})
     for ratio in ratios:
         fields = {"variant": "inductor", "activation_memory_budget": ratio}
         rows.append({"ratio": ratio, **_run(shape, tokens, steps, timeout, **fields)})
@@ -148,6 +197,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     lengths = sub.add_parser("lengths", help="the docs' Llama at several lengths: inductor, mst, mst-lean")
     lengths.add_argument("--tokens", default="1024,2048,8192,32768")
+    lengths.add_argument("--interleaved", type=int, default=0,
+                         help="also time the three variants in one process, stepped in turn this many rounds")  # fmt: skip
     stack = sub.add_parser("stack", help="four MLPs and a head: inductor, mst, mst-lean")
     stack.add_argument("--tokens", default="8192")
     swept = sub.add_parser("sweep", help="peak and time against the budget, beside activation_memory_budget")
@@ -160,6 +211,7 @@ def main(argv=None) -> int:
         sp.add_argument("--timeout", type=float, default=3600, help="seconds one child may take")
         sp.add_argument("--json", help="write every measurement here")
     args = p.parse_args(argv)
+    extra = {}
     if args.command == "sweep":
         rows = sweep(LLAMA, args.tokens, [float(b) for b in args.budgets_mb.split(",")],
                      [float(r) for r in args.ratios.split(",")], args.steps, args.timeout)  # fmt: skip
@@ -168,16 +220,24 @@ def main(argv=None) -> int:
             plot(rows, args.plot, f"Llama-shaped (hidden 512, I 2048, 2 layers, V 32000), {args.tokens} tokens, CPU fp32")
     else:
         shape = LLAMA if args.command == "lengths" else STACK
-        rows = compare(shape, [int(t) for t in args.tokens.split(",")], args.steps, args.timeout)
+        lengths = [int(t) for t in args.tokens.split(",")]
+        rows = compare(shape, lengths, args.steps, args.timeout)
         text = compare_table(rows)
+        if getattr(args, "interleaved", 0):
+            timings = {n: interleaved(shape, n, args.interleaved, args.timeout) for n in lengths}
+            extra["interleaved"] = {str(n): t for n, t in timings.items()}
+            text += "\n\nStep times, the three variants in one process stepped in turn:\n" + timing_table(timings)
     print(_header())
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": args.command, "args": vars(args), "header": _header(), "rows": rows}, f, indent=1)
+            json.dump({"command": args.command, "args": vars(args), "header": _header(), "rows": rows, **extra}, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] and sys.argv[1].startswith("{"):  # a child of `interleaved`
+        print(json.dumps(_interleaved_child(json.loads(sys.argv[1]))))
+        sys.exit(0)
     sys.exit(main())
 

@@ -23,16 +23,17 @@ from tabulate import tabulate
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=3, help="training steps after the compiling one")
+    p.add_argument("--steps", type=int, default=3, help="training steps after two warm-up ones")
     args = p.parse_args(argv)
     shape = dict(model="llama", tokens=args.tokens, hidden=256, intermediate=688, vocab=32000, layers=2)
-    print(f"Training a tiny Llama ({shape}) for {args.steps + 1} AdamW steps, each backend in its own process.",
+    print(f"Training a tiny Llama ({shape}) for {args.steps + 2} AdamW steps, each backend in its own process.",
           file=sys.stderr)
     runs = {"inductor": ("inductor", {}), "mst": ("mst", {}), "mst, budget off": ("mst", {"memory_budget": "off"})}
     results = {}
     for name, (variant, options) in runs.items():
         print(f"  {name}: compiling and training ...", file=sys.stderr, flush=True)
-        results[name] = run_in_child(RunSpec(variant, steps=args.steps, optimizer=True, options=options, **shape))
+        spec = RunSpec(variant, steps=args.steps, warmup=2, optimizer=True, options=options, **shape)
+        results[name] = run_in_child(spec)
     base = results["inductor"]
     rows = [
         ["peak memory over a step (MB)", *(f"{r.peak_mb:.0f} ({r.peak_mb / base.peak_mb:.2f}x)" for r in results.values())],

@@ -43,7 +43,10 @@ class RunSpec:
     intermediate: int = 1024
     vocab: int = 32000
     layers: int = 4
-    steps: int = 2  # measured steps, after one warm-up step that compiles
+    steps: int = 2  # measured steps, after the warm-up steps
+    # warm-up steps: the first compiles; under memory_budget="auto" the second is the first that
+    # keeps (the first runs lean while the budget is measured), and compiles the bodies that keep
+    warmup: int = 1
     optimizer: bool = False  # AdamW step after backward
     checkpointing: bool = False  # activation checkpointing of every layer (HF's switch, or per block)
     device: str = "cpu"
@@ -296,11 +299,13 @@ class MemoryWatchdog:
                 os._exit(OVER_BUDGET_EXIT)
 
 
-def measure(step: Callable[[], float], steps: int, device: str = "cpu", budget_mb: float | None = None) -> dict:
-    """One warm-up call of `step` (it compiles), then `steps` measured ones.
+def measure(
+    step: Callable[[], float], steps: int, device: str = "cpu", budget_mb: float | None = None, warmup: int = 1
+) -> dict:
+    """`warmup` calls of `step` (the first compiles), then `steps` measured ones.
 
     Returns the peak rise over the first measured step, their mean time, every call's loss and
-    the warm-up's time.
+    the first warm-up's time.
     With `budget_mb` the process ends itself with OVER_BUDGET_EXIT: on CPU once a measured step
     rises past the budget, or the warm-up past it plus COMPILE_ALLOWANCE_MB; on CUDA (untested
     here) when the caching allocator, capped at what is allocated plus the budget, runs out.
@@ -315,6 +320,7 @@ def measure(step: Callable[[], float], steps: int, device: str = "cpu", budget_m
     start = time.perf_counter()
     losses = [step()]
     warmup_s = time.perf_counter() - start
+    losses += [step() for _ in range(warmup - 1)]
     peaks, times = [], []
     for _ in range(steps):
         if watchdog:
@@ -369,7 +375,7 @@ def child_main(spec: RunSpec) -> dict:
         return loss.item()
 
     # The warm-up compiles, and creates the optimizer state.
-    measured = measure(step, spec.steps, spec.device, spec.budget_mb)
+    measured = measure(step, spec.steps, spec.device, spec.budget_mb, spec.warmup)
     return {**measured, **what_was_compiled(spec, graph_breaks)}
 
 
