@@ -138,7 +138,7 @@ def sweep_table(rows: list[dict]) -> str:
     for row in rows:
         setting = (f"memory_budget={row['budget_mb']:g} MiB" if "budget_mb" in row else
                    f"activation_memory_budget={row['ratio']:g}" if "ratio" in row else "memory_budget='off'")  # fmt: skip
-        who = "mst" if row["variant"] == "mst" else "inductor"
+        who = "inductor" if "ratio" in row else "mst"
         if "error" in row:
             table.append([who, setting, row["error"][:60], "", "", ""])
             continue

@@ -52,8 +52,11 @@ SEQ_VARIANTS = {
     "inductor+ckpt+attn": {"variant": "mst", "checkpointing": True, "options": {"mlp": False, "lm_head": False}},
     "mst-noattn": {"variant": "mst", "options": {"attention": False}},
     "mst+ckpt-noattn": {"variant": "mst", "checkpointing": True, "options": {"attention": False}},
-    # mst without a memory budget: every site chunked at the lean rule and recomputed (before issue 28)
+    # mst without a memory budget: every site chunked at the lean rule and recomputed (before issue 28).
+    # The max-length search's budget is a watchdog that memory_budget="auto" can't see (auto reads the
+    # machine's free memory and would keep): search mst with these.
     "mst-lean": {"variant": "mst", "options": {"memory_budget": "off"}},
+    "mst-lean+ckpt": {"variant": "mst", "checkpointing": True, "options": {"memory_budget": "off"}},
 }
 DEFAULT_VARIANTS = ("eager", "inductor", "inductor+ckpt", "mst", "mst+ckpt")
 

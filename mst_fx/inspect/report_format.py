@@ -102,7 +102,7 @@ def _budget(site: SiteReport) -> str:
     """The budget's decision at the traced length, and the budget it was made against."""
     if site.decision is None:
         return "-"
-    return f"{site.decision}; of {human_bytes(site.budget)}"
+    return site.decision if site.budget is None else f"{site.decision}; of {human_bytes(site.budget)}"
 
 
 def _chunking(site: SiteReport) -> str:
