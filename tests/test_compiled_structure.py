@@ -108,3 +108,26 @@ def _measure(chunks: int) -> dict:
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_kept_mlp_is_one_op_each_way_and_its_ticket_reaches_the_backward():
+    """Under a memory budget that lets the MLP keep: still one opaque op per site in each graph, no
+    amplified tensor in either, and the forward op's ticket is what the backward op reads (the
+    partitioner saves it; it does not run the forward op again in backward)."""
+    torch.manual_seed(0)
+    model = MLPStack(V, D, I, layers=1)
+    graphs = outer_post_grad_graphs(model, random_batch(V, 1, TOKENS, ignore_every=7), memory_budget="1GiB")
+    forward, backward = graphs
+    counts = [sorted(n.target.name() for n in g.nodes if _is_mst_op(n)) for g in graphs]
+    assert counts == [["mst::linear_cross_entropy", "mst::mlp_forward"], ["mst::mlp_backward"]]
+    (mlp_backward,) = [n for n in backward.nodes if _is_mst_op(n)]
+    ticket = mlp_backward.args[2]
+    assert ticket.op == "placeholder" and ticket.meta["val"].shape == () and ticket.meta["val"].dtype == torch.int64
+    (mlp_forward,) = [n for n in forward.nodes if _is_mst_op(n) and n.target.name() == "mst::mlp_forward"]
+    saved = [a for a in forward.output_node().args[0] if isinstance(a, torch.fx.Node)]
+    assert any(s.op == "call_function" and s.args[:1] == (mlp_forward,) and s.args[1] == 1 for s in saved)
+    for graph in graphs:
+        for node in graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                assert I not in value.shape or value.numel() <= D * I, (node.format_node(), value.shape)
