@@ -88,6 +88,7 @@ class _ChunkedSite(nn.Module):
         self.fp32_accumulation = options.grad_accumulation == "fp32"
         fixed = self.policy.rows is not None or self.policy.count is not None
         self.budget = memory_budget.OFF if fixed else options.budget  # fixed chunking is not the budget's to change
+        self.kept_row_bytes: dict[tuple, int] = {}  # by the dtypes and shapes of x and params
 
     def register(self, *description) -> None:
         settings = (self.policy, self.compiler, self.fp32_accumulation, self.budget)
@@ -173,13 +174,15 @@ def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype
 
 
 def _kept_row_bytes(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> int:
-    """Bytes per row that keeping this site's intermediates costs (traced on zero rows)."""
-    rows = x.narrow(0, 0, 0)
+    """Bytes per row that keeping this site's intermediates costs (run once on zero rows per dtypes)."""
     tensors, present = _present(params)
-    body, _ = chunk_bodies.keeping_forward_body(site.chunk, present, autocast_dtype)
-    with torch.no_grad():
-        kept = body(rows, *tensors)[1:]
-    return sum(k.shape[1:].numel() * k.element_size() for k in kept)
+    key = (x.dtype, autocast_dtype, tuple((t.dtype, tuple(t.shape)) for t in tensors))
+    if key not in site.kept_row_bytes:
+        body, _ = chunk_bodies.keeping_forward_body(site.chunk, present, autocast_dtype)
+        with torch.no_grad():
+            kept = body(x.narrow(0, 0, 0), *tensors)[1:]
+        site.kept_row_bytes[key] = sum(k.shape[1:].numel() * k.element_size() for k in kept)
+    return site.kept_row_bytes[key]
 
 
 def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss, replay=None, chunks=None):
