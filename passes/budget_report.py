@@ -14,24 +14,28 @@ import torch
 
 from mst_fx.runtime import memory_budget
 from mst_fx.runtime.chunk_plan import ChunkPolicy
+from mst_fx.runtime.chunked_experts import ChunkedExperts
+from mst_fx.runtime.chunked_ops import ChunkedLinearCrossEntropy, ChunkedMLP
+from mst_fx.runtime.chunked_token_ops import ChunkedLinearRows
 
 from .report import SiteReport
 
-# Per kind: (N x W tensors a kept site holds, chunk x W tensors of one chunk, those in fp32 whatever
-# the input's dtype). The runtime's classes carry the same figures (`WORK_TENSORS`).
-_ROWS = {
-    "mlp gated": (2, 6, False),
-    "mlp fused": (2, 6, False),
-    "mlp plain": (1, 6, False),
-    "lm_head": (0, 3, True),
-    "lm_head per-token": (0, 4, True),
-    "moe experts": (0, 4, False),
+# Per kind: the runtime's site class (what one chunk holds: `WORK_TENSORS` of `WORK_ITEMSIZE` bytes,
+# None for the input's), and the N x W tensors a kept site holds (gate and up, or fc's output)
+_SITES = {
+    "mlp gated": (ChunkedMLP, 2),
+    "mlp fused": (ChunkedMLP, 2),
+    "mlp plain": (ChunkedMLP, 1),
+    "lm_head": (ChunkedLinearCrossEntropy, 0),
+    "lm_head per-token": (ChunkedLinearRows, 0),
+    "moe experts": (ChunkedExperts, 0),
 }
+KEPT_TENSORS = {kind: keep for kind, (_, keep) in _SITES.items() if keep}  # what the memory estimate counts
 
 
 def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.device) -> None:
     """Fill `budget` and `decision` of the budgeted sites, and their chunks as decided."""
-    budgeted = [s for s in sites if s.rewritten and s.has_shapes and s.kind in _ROWS]
+    budgeted = [s for s in sites if s.rewritten and s.has_shapes and s.kind in _SITES]
     if setting == memory_budget.OFF or not budgeted:
         return
     if setting == memory_budget.AUTO and device.type == "meta":  # a dry run: the device is not known
@@ -55,11 +59,11 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
 
 
 def _row_bytes(site: SiteReport) -> tuple[int, int]:
-    keep, work, fp32 = _ROWS[site.kind]
-    itemsize = 4 if fp32 else site.itemsize
-    return keep * site.amplified_width * site.itemsize, work * site.amplified_width * itemsize
+    site_class, keep = _SITES[site.kind]
+    itemsize = site_class.WORK_ITEMSIZE or site.itemsize
+    return keep * site.amplified_width * site.itemsize, site_class.WORK_TENSORS * site.amplified_width * itemsize
 
 
 def _lean_chunk_bytes(site: SiteReport) -> int:
     """The site's chunk at the lean rule, in fp32: what the runtime reserves for it."""
-    return min(site.tokens, site.chunk_rows or site.tokens) * _ROWS[site.kind][1] * site.amplified_width * 4
+    return min(site.tokens, site.chunk_rows or site.tokens) * _SITES[site.kind][0].WORK_TENSORS * site.amplified_width * 4

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from mst_fx.passes.budget_report import KEPT_TENSORS
 from mst_fx.passes.report import SiteReport
 
 # Per kind: (N x W tensors kept for backward, N x W tensors its backward adds, chunk x W tensors a
@@ -65,9 +66,6 @@ _COEFFICIENTS = {
     "attention": (1, 0, 5),  # rewritten: one block's bool mask and SDPA's float bias of it
     "moe experts": (2, 1, 4),  # in units of the largest dispatch tensor (see the docstring)
 }
-
-# N x W tensors a site keeps for backward when the memory budget lets it (gate and up, or fc's output)
-_KEPT_UNDER_BUDGET = {"mlp gated": 2, "mlp fused": 2, "mlp plain": 1}
 
 METHOD = (
     "Estimates from shapes, not measurements (nothing is allocated), for one training step, counting only "
@@ -121,7 +119,7 @@ def estimate_site(site: SiteReport) -> SiteMemory:
         return SiteMemory(kept_before, added_before, 0, chunk_tensors * block_rows * site.amplified_width)
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
-        kept = _KEPT_UNDER_BUDGET.get(site.kind, 0) * full if (site.decision or "").startswith("kept") else 0
+        kept = KEPT_TENSORS.get(site.kind, 0) * full if (site.decision or "").startswith("kept") else 0
         return SiteMemory(kept_before, added_before, kept, chunk)
     gradients = (site.tokens + site.amplified_width) * site.in_width * site.itemsize
     return SiteMemory(kept_before, added_before, gradients, max(chunk, gradients))

@@ -79,6 +79,7 @@ class _ChunkedSite(nn.Module):
     # chunk x W tensors (W: the amplified width) one chunk holds at its largest: `memory_estimate`'s
     # figures for a gated MLP's backward, rounded up for the other kinds
     WORK_TENSORS = 6
+    WORK_ITEMSIZE: int | None = None  # bytes per element of those tensors; None: the input's
     floor_scale = 1.0  # scales the lean rule's chunk floor (routed experts: E / k)
 
     def __init__(self, widths: tuple[int, int], options: SiteOptions):
@@ -99,7 +100,7 @@ class _ChunkedSite(nn.Module):
 
     def work_row_bytes(self, x: Tensor) -> int:
         """Bytes per row of one chunk's intermediates, at their largest."""
-        return self.WORK_TENSORS * self.amplified_width * x.element_size()
+        return self.WORK_TENSORS * self.amplified_width * (self.WORK_ITEMSIZE or x.element_size())
 
     def lean_rows(self, tokens: int, device_type: str) -> int:
         return self.policy.rows_for(tokens, self.in_width, self.amplified_width, device_type, self.floor_scale)
@@ -479,9 +480,7 @@ class ChunkedLinearCrossEntropy(_ChunkedSite):
     """The LM head and its cross-entropy chunk by chunk; the N x V logits never exist."""
 
     WORK_TENSORS = 3  # a chunk's logits, their fp32 log-softmax and their gradient
-
-    def work_row_bytes(self, x: Tensor) -> int:
-        return self.WORK_TENSORS * self.amplified_width * 4
+    WORK_ITEMSIZE = 4
 
     def __init__(self, form: CrossEntropyForm, logit_transform: nn.Module, widths: tuple[int, int], options: SiteOptions):
         super().__init__(widths, options)

@@ -45,9 +45,7 @@ class ChunkedLinearRows(_ChunkedSite):
     each (c,) or (c, k). `differentiable`: which outputs carry a gradient."""
 
     WORK_TENSORS = 4  # a chunk's logits, their log-softmax, and in backward their gradients (fp32)
-
-    def work_row_bytes(self, x: Tensor) -> int:
-        return self.WORK_TENSORS * self.amplified_width * 4
+    WORK_ITEMSIZE = 4
 
     def __init__(
         self, form: CrossEntropyForm, row_function: fx.GraphModule, differentiable: tuple[bool, ...],
@@ -89,8 +87,7 @@ def _flat(tensor: Tensor, lead, tail) -> Tensor:
 class _DifferentiableRows(_ChunkedSite):
     """What the backward recomputes: the differentiable outputs, flattened and joined, (c, k) fp32."""
 
-    WORK_TENSORS = ChunkedLinearRows.WORK_TENSORS
-    work_row_bytes = ChunkedLinearRows.work_row_bytes
+    WORK_TENSORS, WORK_ITEMSIZE = ChunkedLinearRows.WORK_TENSORS, ChunkedLinearRows.WORK_ITEMSIZE
 
     def __init__(self, site_key: str, widths, options):
         super().__init__(widths, options)
