@@ -27,9 +27,10 @@ may keep only what leaves every other site of its budget room for one chunk at t
 chunk. So keeping never pushes a later site finer than mst would chunk it without a budget, and
 never over the budget: each later call checks `held + its chunk <= budget` against the `held` that
 includes every earlier site's keep. The sites are known before the first call (the passes build
-them at compile time), so the first step is planned as every later one. Chosen over a plan made
-from a recorded previous step because it needs no first step and no step boundary: several
+them at compile time), so a fixed budget plans the first step as every later one. Chosen over a
+plan replayed from a recorded previous step because the rule needs no step boundary: several
 forwards before one backward (gradient accumulation, chosen + rejected in DPO) just add to `held`.
+("auto" does wait one step, but only to measure the memory outside the sites.)
 
 Kept intermediates live in a stash behind a ticket, a small CPU tensor that the op returns and the
 graph saves for backward. The backward op takes them by ticket and releases their bytes; if the
