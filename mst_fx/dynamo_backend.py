@@ -80,10 +80,29 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         log.warning(
             "mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten", type(error).__name__, error
         )
-        compiled = hand_off(gm, example_inputs, options.compiler, mode)
+        compiled, rewritten = hand_off(gm, example_inputs, options.compiler, mode), gm
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     record_report(report)
+    _warn_once_if_logits_dropped(rewritten, report)
     return _counting_blocks(compiled, example_inputs, report)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once_if_logits_dropped(compiled_graph: fx.GraphModule, report: GraphReport) -> None:
+    """Said here, where the compiled step is handed back with the placeholder in it, not by the
+    pass: `mst_fx.explain` runs the passes too, and drops nothing."""
+    if not dropped_logits_outputs(compiled_graph):
+        return
+    heads = [s.location for s in report.sites if s.rewritten and s.kind == "lm_head" and s.logits_returned]
+    if "dropped logits" not in _warned:
+        _warned.add("dropped logits")
+        log.warning(
+            "mst: %s returns empty logits in training to save their N x V memory; pass "
+            "options={'keep_logits': True} to keep them",
+            ", ".join(heads) or "the LM head",
+        )
 
 
 def _counting_blocks(compiled, example_inputs, report: GraphReport):

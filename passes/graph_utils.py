@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class CantChunk(Exception):
@@ -471,3 +472,25 @@ def _is_ddp(module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(module, DistributedDataParallel)
+
+
+def propagate_example_values(nodes: list[fx.Node], grad_enabled: bool) -> bool:
+    """Each new node's example value, computed on the fake values of its inputs under the graph's grad
+    mode there; False if one fails."""
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value"))
+        values = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+        # The values' own mode: a compile may hold another one (detect_fake_mode would return that).
+        mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+        if mode is None:
+            return False
+        try:
+            with mode, torch.set_grad_enabled(grad_enabled):
+                if node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    value = node.target(*args, **kwargs)
+        except Exception:
+            return False
+        node.meta["example_value"] = value
+    return True

@@ -91,7 +91,7 @@ def find_lm_head_sites(gm, policy: ChunkPolicy, training: bool, returned_logits:
             symbolic = is_symbolic(shape_of(site.loss.target))
             plan_site(site.report, policy, symbolic, rows.device.type)
             if policy == ChunkPolicy() and not symbolic:
-                _refuse_if_estimated_to_cost(site.report)
+                refuse_if_estimated_to_cost(site.report)
         except CantChunk as why:
             head = _find_head(loss)
             location = head_path(head.weight) if head else _node_of(loss).name
@@ -105,7 +105,7 @@ def _per_token(call: fx.Node) -> bool:
     return call.kwargs.get("reduction") == "none" or "none" in call.args[2:]
 
 
-def _refuse_if_estimated_to_cost(report: SiteReport) -> None:
+def refuse_if_estimated_to_cost(report: SiteReport) -> None:
     """Under "auto", leave alone a head the estimate says the rewrite would make costlier: the
     gradients it computes in forward, (N + V) x d, held through the backward (and scaled into new
     tensors there) outweigh the N x V logits when d is large and the logits are not returned."""

@@ -12,8 +12,10 @@
    in the graph and in every activation-checkpoint body it calls (`checkpoint_bodies.py`).
 4. `lm_head.py`: linear -> cross_entropy becomes `ChunkedLinearCrossEntropy` (gradients in forward).
    `token_head.py`: a head whose logits reduce, row by row, to values kept per token (log-probs,
-   entropies, unreduced cross-entropy) becomes `ChunkedLinearRows` (recompute in backward). It runs
-   after `lm_head.py`, which takes the heads whose loss is a scalar in the graph (the cheaper site).
+   entropies, unreduced cross-entropy) becomes `ChunkedLinearRows` (recompute in backward); when
+   those values reduce straight to one sum over tokens (any row-wise loss: a stable cross-entropy
+   written out, a focal loss), `ChunkedLinearRowLoss` (gradients in forward). It runs after
+   `lm_head.py`, which takes the cross-entropy forms it knows, with the same cost.
 5. `returned_logits.py`: in a training graph, an LM head whose logits are returned (the loss is
    computed outside) is taken out; the caller gets `DeferredLogits`, which chunk the loss there.
 6. `budget_report.py`: rewrites nothing; records what the memory budget decides for each site at
@@ -136,14 +138,6 @@ def _rewrite_lm_heads(gm: fx.GraphModule, options: PassOptions, training: bool, 
     sites, skipped = find_lm_head_sites(gm, options.policy, training, logits)
     for index, site in enumerate(sites):
         rewrite_lm_head_site(gm, site, index, options)
-        if site.logits_outputs:
-            _log_once(
-                ("keep_logits",),
-                logging.WARNING,
-                "mst: %s returns empty logits in training to save their N x V "
-                "memory; pass options={'keep_logits': True} to keep them",
-                site.report.location,
-            )
     return [s.report for s in sites] + skipped
 
 

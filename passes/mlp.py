@@ -176,17 +176,29 @@ def _unread_losses(gm: fx.GraphModule, covered: set[fx.Node]) -> list[SiteReport
 
 
 def _first_reduction_after(start: fx.Node, max_nodes: int = 8) -> fx.Node | None:
-    """The first op reducing over the last dim that `start`'s value reaches (breadth first)."""
-    todo, seen = [start], 0
+    """The first op reducing over the last dim that `start`'s value reaches (breadth first), along
+    ops that keep that dim whole and last: rows of logits. A projection whose output is split into
+    heads (attention's q and k, reduced by the softmax over keys) reaches none."""
+    width, todo, seen = (shape_of(start) or (None,))[-1], [start], 0
     while todo and seen < max_nodes:
         node = todo.pop(0)
         for user in node.users:
             seen += 1
-            if _target_name(user) in _VOCAB_REDUCTIONS:
+            if _target_name(user) in _VOCAB_REDUCTIONS and _reduces_last_dim(user, node):
                 return user
-            if user.op in ("call_function", "call_method") and shape_of(user) is not None:
+            if user.op in ("call_function", "call_method") and (shape_of(user) or (None,))[-1] == width:
                 todo.append(user)
     return None
+
+
+def _reduces_last_dim(reducer: fx.Node, rows: fx.Node) -> bool:
+    """`reducer` reads `rows` (whose last dim is the linear's width) over that last dim."""
+    if not reducer.args or reducer.args[0] is not rows:
+        return False
+    position = 2 if _target_name(reducer) == "take_along_dim" else 1
+    dim = reducer.kwargs.get("dim", reducer.args[position] if len(reducer.args) > position else None)
+    ndim = len(shape_of(rows) or ())
+    return isinstance(dim, int) and ndim > 0 and dim % ndim == ndim - 1
 
 
 def _target_name(node: fx.Node) -> str:

@@ -22,9 +22,8 @@ import operator
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor
 
-from .graph_utils import erase_unused, example_value, grad_enabled_at, is_call, size_hint
+from .graph_utils import erase_unused, example_value, grad_enabled_at, is_call, propagate_example_values, size_hint
 
 _SPLITS = {torch.split, torch.chunk}
 _SPLIT_METHODS = ("split", "chunk")
@@ -188,7 +187,7 @@ def _fuse(gm: fx.GraphModule, kind: str, source: fx.Node, pieces, rejoin: fx.Nod
             whole[node] = gm.graph.node_copy(node, lambda n: whole.get(n, n))
             made.append(whole[node])
     fused = whole[rejoin.args[0][0]]
-    if not _propagate(made, grad_enabled) or _shape(fused) != _shape(rejoin):
+    if not propagate_example_values(made, grad_enabled) or _shape(fused) != _shape(rejoin):
         for node in reversed(made):
             gm.graph.erase_node(node)
         return False
@@ -227,23 +226,3 @@ def _shape(node: fx.Node):
     return None if value is None else tuple(value.shape)
 
 
-def _propagate(nodes: list[fx.Node], grad_enabled: bool) -> bool:
-    """Each new node's example value, computed on the fake values of its inputs under the graph's grad
-    mode there; False if one fails."""
-    for node in nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value"))
-        values = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
-        # The values' own mode: a compile may hold another one (detect_fake_mode would return that).
-        mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
-        if mode is None:
-            return False
-        try:
-            with mode, torch.set_grad_enabled(grad_enabled):
-                if node.op == "call_method":
-                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:
-                    value = node.target(*args, **kwargs)
-        except Exception:
-            return False
-        node.meta["example_value"] = value
-    return True

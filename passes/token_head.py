@@ -28,6 +28,28 @@ After:
 The leading row ops (views, slices of tokens) right after the head are replayed on its input, as
 the LM-head pass does. A head whose logits reach an op that is not row-wise, or are also returned,
 is left alone and reported with that op.
+
+A row-wise loss, whatever its ops: when every per-token value reaches one sum (or mean) over all
+tokens through row-wise ops on per-token values only (a softplus, a `where` on the valid labels, a
+focal weight, masks that need no gradient), those ops join the row function and the sum is the
+site's: `ChunkedLinearRowLoss`, reported as an LM head, computes its gradients in forward (its
+upstream gradient is a scalar), with no recompute. What the graph does with the sum (divide by a
+count, add another term) stays in the graph. Three rewrites make more losses row-wise first: moves
+of the vocabulary dim that undo each other are folded (`identity_moves.py`), a cross-entropy that
+reduces over tokens itself is written as its per-token terms and their sum (`token_reductions.py`),
+and a logits-shaped tensor made from no logits (a one-hot mask, `arange(V) == y[..., None]`) is
+made per chunk inside the site. Before (x-transformers' stable cross-entropy):
+
+    is_target = arange_1 == target[..., None]
+    z_target = logits.gather(-1, target[..., None])
+    lse = torch.logsumexp(torch.where(is_target, -inf, logits - z_target), dim=-1)
+    loss = torch.where(valid, F.softplus(lse), 0.0)
+    total = loss.sum() / valid.sum()
+
+After:
+
+    mst_row_loss_0 = self.mst_row_loss_0(h, [w_head, None], [target, valid], [arange_1])
+    total = mst_row_loss_0 / valid.sum()
 """
 
 from __future__ import annotations
@@ -36,12 +58,11 @@ import dataclasses
 import math
 import operator
 
-import torch
 from torch import fx
 
 from mst_fx.runtime.chunk_plan import ChunkPolicy
 from mst_fx.runtime.chunked_ops import CrossEntropyForm
-from mst_fx.runtime.chunked_token_ops import ChunkedLinearRows
+from mst_fx.runtime.chunked_token_ops import ChunkedLinearRowLoss, ChunkedLinearRows
 from mst_fx.runtime.site_options import SiteOptions
 
 from .adapters import adapter_form, adapter_weights, inside_adapted_linears, match_any_linear, refuse_random_adapter
@@ -57,10 +78,12 @@ from .graph_utils import (
     shape_of,
     size_hint,
 )
-from .lm_head import is_row_op, replay_row_op
+from .identity_moves import fold_identity_moves
+from .lm_head import is_row_op, refuse_if_estimated_to_cost, replay_row_op
 from .piece_loops import fuse_piece_loop
 from .report import SiteReport
 from .row_function import Frame, Layout, NotRowWise, is_reduction_of_vocab, is_row_wise_op, lift, op_name
+from .token_reductions import split_token_reductions
 
 KIND = "lm_head per-token"
 
@@ -77,6 +100,7 @@ class TokenHeadSite:
     row_function: fx.GraphModule  # the region as a function of one chunk of rows
     token_inputs: list  # ((node, layout), (lead, trailing shape)) per input read per token
     whole_inputs: list  # ((node, layout), trailing shape) per input read whole
+    total: fx.Node | None = None  # a row-wise loss: the sum (or mean) over tokens the site computes
 
 
 def find_token_head_sites(gm: fx.GraphModule, policy: ChunkPolicy):
@@ -86,12 +110,15 @@ def find_token_head_sites(gm: fx.GraphModule, policy: ChunkPolicy):
     inside_adapters = inside_adapted_linears(gm)
     for node in list(gm.graph.nodes):
         head = None if node in inside_adapters else match_any_linear(node)
-        if head is None or not _widens(head) or not _reaches_vocab_reduction(head.out):
+        if head is None or not _widens(head):
+            continue
+        fold_identity_moves(head.out)  # a loss for classes at dim 1 moves them there and back
+        if not _reaches_vocab_reduction(head.out):
             continue
         try:
             site = _match(gm, head, policy)
-        except CantChunk as why:
-            skipped.append(SiteReport(KIND, head_path(head.weight), False, str(why)))
+        except CantChunk as why:  # reported as what it was matched as: a loss, or values per token
+            skipped.append(SiteReport(getattr(why, "kind", KIND), head_path(head.weight), False, str(why)))
             left_alone.update(head.nodes)
             continue
         sites.append(site)
@@ -127,25 +154,37 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     lead = tuple(size_hint(s) for s in shape_of(start)[:-1])
     frame = Frame(lead, math.prod(lead), size_hint(vocab))
     _fuse_piece_loops(gm, start, frame)
+    split_token_reductions(n for n in _downstream(start) if any(_is_logits(a, frame) for a in n.all_input_nodes))
     region = _region(gm, start, frame)
-    outputs = _outputs(region)
+    total = _token_sum(region, frame)
+    if total is not None:
+        region = _sorted(gm, [*region, *_between(region, total)], first=start)
+    outputs = [total.args[0]] if total is not None else _outputs(region)
     inputs = _external_inputs(region, frame)
     _check_inputs(inputs)
     _check_no_mutation(head, region)
     report = SiteReport(
-        KIND, head_path(head.weight), True, tokens=frame.tokens, in_width=size_hint(shape_of(head.input)[-1]),
-        amplified_width=frame.vocab, itemsize=example_value(head.out).element_size(),
-        token_outputs=[_describe(o) for o in outputs],
+        "lm_head" if total is not None else KIND, head_path(head.weight), True, tokens=frame.tokens,
+        in_width=size_hint(shape_of(head.input)[-1]), amplified_width=frame.vocab,
+        itemsize=example_value(head.out).element_size(),
+        **({"logits_returned": False} if total is not None else {"token_outputs": [_describe(o) for o in outputs]}),
     )  # fmt: skip
     token, whole = _split_inputs(inputs, frame)
     try:
-        row_function = lift(region, region[0], [key for key, _ in token + whole], outputs, frame)
+        row_function = lift(region, start, [key for key, _ in token + whole], outputs, frame)
     except NotRowWise as why:
         raise CantChunk(str(why)) from None
-    site = TokenHeadSite(head, row_ops, region, outputs, inputs, frame, report, row_function, token, whole)
+    site = TokenHeadSite(head, row_ops, region, outputs, inputs, frame, report, row_function, token, whole, total)
     _move_inputs_up(gm, site)
     _check_placement(gm, site)
-    plan_site(report, policy, is_symbolic(shape_of(start)[:-1]), example_value(head.out).device.type)
+    symbolic = is_symbolic(shape_of(start)[:-1])
+    try:
+        plan_site(report, policy, symbolic, example_value(head.out).device.type)
+        if total is not None and policy == ChunkPolicy() and not symbolic:
+            refuse_if_estimated_to_cost(report)  # gradients in forward, as the LM-head pass's sites
+    except CantChunk as why:
+        why.kind = report.kind
+        raise
     return site
 
 
@@ -163,13 +202,16 @@ def _fuse_piece_loops(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> None:
 
 def _region(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> list[fx.Node]:
     """Every op on the logits (all of them must be row-wise), the per-token values they reduce to,
-    and the per-token values computed from those that flow back into the logits (`z - lse`)."""
+    the per-token values computed from those that flow back into the logits (`z - lse`), and the
+    logits-shaped tensors they read that do not come from the logits (a one-hot mask made by
+    comparing an `arange` over the classes with the labels): made in the region, one chunk at a
+    time, instead of whole. `start` first, then the rest in graph order."""
     downstream = _downstream(start)
     region, todo = {start}, [start]
     while todo:
         node = todo.pop()
         readers = list(node.users) if _is_logits(node, frame) else []
-        feeders = [a for a in node.all_input_nodes if a in downstream]
+        feeders = [a for a in node.all_input_nodes if a in downstream or _made_per_row(a, frame, downstream)]
         for other in readers + feeders:
             if other in region:
                 continue
@@ -183,8 +225,78 @@ def _region(gm: fx.GraphModule, start: fx.Node, frame: Frame) -> list[fx.Node]:
                 )
             region.add(other)
             todo.append(other)
+    return _sorted(gm, region, first=start)
+
+
+def _made_per_row(node: fx.Node, frame: Frame, downstream: set[fx.Node]) -> bool:
+    """A logits-shaped tensor not made from the logits, by a row-wise op with no other reader and
+    no gradient: the region makes it per chunk (its inputs are then read per token or whole)."""
+    value = example_value(node)
+    return (
+        node not in downstream and _is_logits(node, frame) and is_row_wise_op(node) and _pure(node)
+        and len(node.users) == 1 and value is not None and not value.requires_grad
+    )  # fmt: skip
+
+
+def _sorted(gm: fx.GraphModule, nodes, first: fx.Node) -> list[fx.Node]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(region, key=order.__getitem__)
+    return [first, *sorted(set(nodes) - {first}, key=order.__getitem__)]
+
+
+_TOKEN_SUMS = {"sum", "mean"}
+
+
+def _token_sum(region: list[fx.Node], frame: Frame) -> fx.Node | None:
+    """The one sum (or mean) over every token that all the region's per-token values reach, through
+    row-wise ops on per-token values only (a softplus, a `where` on the valid labels, a focal
+    weight): then the head is a scalar loss. None when a value is read any other way."""
+    inside, todo, totals = set(region), [n for n in region if not _is_logits(n, frame)], set()
+    while todo:
+        for user in todo.pop().users:
+            if user in inside or user in totals:
+                continue
+            if _is_token_sum(user):
+                totals.add(user)
+                continue
+            layout = frame.layout(user)
+            if layout is None or layout.tail == (frame.vocab,) or not is_row_wise_op(user):
+                return None
+            inside.add(user)
+            todo.append(user)
+    if len(totals) != 1 or not _reads_per_token_only(inside - {region[0]}, region[0]):
+        return None
+    (total,) = totals
+    value = example_value(total.args[0])
+    return total if value is not None and value.requires_grad else None
+
+
+def _reads_per_token_only(ops: set[fx.Node], start: fx.Node) -> bool:
+    """No op after `start` reads a value made from the logits across tokens (the loss's own sum,
+    say), nor weights with a gradient of their own (kept per token, they are weighted in the graph)."""
+    downstream = _downstream(start)
+    others = {a for node in ops for a in node.all_input_nodes if a not in ops and a is not start}
+    return not any(a in downstream or getattr(example_value(a), "requires_grad", False) for a in others)
+
+
+def _is_token_sum(node: fx.Node) -> bool:
+    """`x.sum()`, `x.mean()`, `torch.sum(x)`: over every dim, in x's dtype."""
+    return (
+        node.op in ("call_function", "call_method") and op_name(node) in _TOKEN_SUMS
+        and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
+    )  # fmt: skip
+
+
+def _between(region: list[fx.Node], total: fx.Node) -> list[fx.Node]:
+    """The per-token ops from the region's values to `total`'s input (what `_token_sum` walked)."""
+    inside, found, todo = set(region), set(), [total.args[0]]
+    downstream = _downstream(region[0])
+    while todo:
+        node = todo.pop()
+        if node in inside or node in found:
+            continue
+        found.add(node)
+        todo.extend(a for a in node.all_input_nodes if a in downstream)
+    return list(found)
 
 
 def _is_logits(node: fx.Node, frame: Frame) -> bool:
@@ -300,14 +412,18 @@ def _describe(output: fx.Node) -> str:
 
 def rewrite_token_head_site(gm: fx.GraphModule, site: TokenHeadSite, index: int, options: SiteOptions) -> None:
     head, frame = site.head, site.frame
-    differentiable = tuple(bool(getattr(example_value(o), "requires_grad", False)) for o in site.outputs)
-    token, whole, row_function = site.token_inputs, site.whole_inputs, site.row_function
+    token, whole = site.token_inputs, site.whole_inputs
     form = CrossEntropyForm("none", -100, 0.0, head.transposed, adapter_form(head))
-    module = ChunkedLinearRows(
-        form, row_function, differentiable, tuple(spec for _, spec in token), tuple(spec for _, spec in whole),
-        tuple(frame.layout(o).lead for o in site.outputs), (site.report.in_width, frame.vocab), options,
-    )  # fmt: skip
-    name = f"mst_token_head_{index}"
+    widths = (site.report.in_width, frame.vocab)
+    token_specs, whole_specs = tuple(spec for _, spec in token), tuple(spec for _, spec in whole)
+    if site.total is not None:
+        mean = op_name(site.total) == "mean"
+        module, name = ChunkedLinearRowLoss(form, site.row_function, token_specs, whole_specs, mean, widths, options), f"mst_row_loss_{index}"
+    else:
+        differentiable = tuple(bool(getattr(example_value(o), "requires_grad", False)) for o in site.outputs)
+        leads = tuple(frame.layout(o).lead for o in site.outputs)
+        module = ChunkedLinearRows(form, site.row_function, differentiable, token_specs, whole_specs, leads, widths, options)
+        name = f"mst_token_head_{index}"
     gm.add_submodule(name, module)
     graph = gm.graph
     with graph.inserting_before(_anchor(gm, site).next):
@@ -316,11 +432,14 @@ def rewrite_token_head_site(gm: fx.GraphModule, site: TokenHeadSite, index: int,
             rows = replay_row_op(graph, op, rows, site.report.in_width)
         params = [head.weight, head.bias, *adapter_weights(head)]
         call = graph.call_module(name, (rows, params, [key[0] for key, _ in token], [key[0] for key, _ in whole]))
-        for i, output in enumerate(site.outputs):
+        if site.total is not None:
+            call.meta.update(site.total.meta)
+            site.total.replace_all_uses_with(call)
+        for i, output in enumerate(site.outputs if site.total is None else []):
             value = graph.call_function(operator.getitem, (call, i))
             value.meta.update(output.meta)
             output.replace_all_uses_with(value, delete_user_cb=lambda user: user not in set(site.region))
-    erase_unused([*site.region, *site.row_ops, *head.nodes])
+    erase_unused([*([site.total] if site.total is not None else []), *site.region, *site.row_ops, *head.nodes])
 
 
 def _split_inputs(inputs: list[tuple[fx.Node, Layout]], frame: Frame):

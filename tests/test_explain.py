@@ -106,6 +106,50 @@ def test_an_mlp_the_passes_dont_handle_is_listed_with_its_reason():
     assert estimate_site(leaky).kept_before == estimate_site(leaky).kept_after == 0
 
 
+class WideHeadAttention(nn.Module):
+    """Attention as x-transformers writes it: q and k projections wider than the model (8 heads of
+    64 on d = 64), heads split off the last dim, softmax over the keys."""
+
+    def __init__(self, d, heads=8, head_dim=64):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d, heads * head_dim, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(heads * head_dim, d, bias=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        attn = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return x + self.to_out((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_attention_projections_are_not_reported_as_heads():
+    """A projection whose output is split into heads reaches a softmax over keys, not over its own
+    width: it is no LM head, and the report says nothing of it. The real head is one rewritten row."""
+    model = MLPStack(VOCAB, HIDDEN, INTERMEDIATE, layers=1)
+    model.blocks.insert(0, WideHeadAttention(HIDDEN))
+    ids = torch.zeros(1, TOKENS, dtype=torch.long)
+    report = mst_fx.explain(model, ids, ids)
+    assert not [s.location for s in report.sites if "to_" in s.location], to_table(report)
+    heads = [(s.location, s.rewritten) for s in report.sites if s.kind.startswith("lm_head")]
+    assert heads == [("head", True)], to_table(report)
+
+
+def test_explain_says_nothing_of_dropped_logits(caplog, monkeypatch):
+    """An HF model returns its logits next to the loss; compiled for training, mst hands back a
+    placeholder and warns (tests/test_options_and_fallback.py). A dry run compiles nothing and drops
+    nothing, so it must not say it does."""
+    import logging
+
+    monkeypatch.setattr("mst_fx.dynamo_backend._warned", set())
+    ids, labels = random_batch(VOCAB, 1, 64)
+    with caplog.at_level(logging.INFO, logger="mst_fx"):
+        model = tiny_llama(hidden=32, intermediate=96, layers=1, vocab=VOCAB)
+        report = mst_fx.explain(model, ids, example_kwargs={"labels": labels}, chunk_size=16)
+    assert [s.logits_returned for s in report.sites if s.kind == "lm_head"] == [True]
+    assert not [r.getMessage() for r in caplog.records if "logits" in r.getMessage()]
+
+
 def test_json_round_trips_with_the_documented_keys():
     report = explain_llama()
     data = json.loads(to_json(report))

@@ -11,7 +11,7 @@ from torch import nn
 import mst_fx
 
 from conftest import rewritten_kinds, skipped_reasons
-from test_loss_outside import OPTIONS, V, batch, litgpt_chunked_ce, model
+from test_loss_outside import OPTIONS, D, V, batch, litgpt_chunked_ce, model
 
 
 def transposed(z, y):
@@ -79,8 +79,9 @@ def test_per_token_loss_form_in_the_graph(loss_fn):
     test_loss_form_in_the_graph(loss_fn)
 
 
-def test_entropy_bonus_is_a_per_token_site():
-    """An entropy reads each row of logits in a way no loss form covers: the per-token site takes it."""
+def test_entropy_bonus_is_a_row_wise_loss_site():
+    """An entropy reads each row of logits in a way no loss form covers; it is row-wise up to its
+    mean over tokens, so it is one LM-head site (gradients in forward) all the same."""
 
     def with_entropy(z, y):
         p = F.softmax(z, dim=-1)
@@ -93,7 +94,7 @@ def test_entropy_bonus_is_a_per_token_site():
     step(ids, labels).backward()
     for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    assert rewritten_kinds() == {"lm_head per-token": 1, "mlp gated": 2}, skipped_reasons()
+    assert rewritten_kinds() == {"lm_head": 1, "mlp gated": 2}, skipped_reasons()
 
 
 def test_softmax_across_tokens_is_reported_at_the_head():
@@ -126,3 +127,87 @@ def test_per_token_weights_that_need_a_gradient_make_a_per_token_site():
     for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert [s.kind for r in mst_fx.compiled_reports() for s in r.rewritten("lm_head")] == ["lm_head per-token"]
+
+
+# ---------------------------------------------------------------- any row-wise loss, no table of forms
+
+
+def stable_cross_entropy(z, y, ignore_index=-100):
+    """x-transformers 2.31's loss (torch_einops_utils.cross_entropy, written out here): classes
+    moved to dim 1 by the caller and back by the loss, a one-hot mask from `arange == target`, the
+    logsumexp of the other classes' margins, softplus, a `where` on the valid labels, sum / count."""
+    z = torch.movedim(z.permute(0, 2, 1), 1, -1)
+    valid = y != ignore_index
+    target = torch.where(valid, y, 0)[..., None]
+    is_target = torch.arange(z.shape[-1], device=z.device) == target
+    margin = -torch.logsumexp(torch.where(is_target, -float("inf"), z - z.gather(-1, target)), dim=-1)
+    loss = torch.where(valid, F.softplus(-margin), 0.0)
+    return loss.sum() / valid.sum()
+
+
+def focal_loss(z, y, gamma=2.0):
+    """Focal loss (Lin et al.): the per-token cross-entropy weighted by (1 - p_target)^gamma, averaged."""
+    ce = F.cross_entropy(z.reshape(-1, V).float(), y.reshape(-1), reduction="none")
+    return ((1 - torch.exp(-ce)) ** gamma * ce).mean()
+
+
+def cross_entropy_and_z_loss(z, y, weight=1e-4):
+    """PaLM's z-loss added to the mean cross-entropy: two sums over tokens of the same logits."""
+    return F.cross_entropy(z.reshape(-1, V), y.reshape(-1)) + weight * torch.logsumexp(z, dim=-1).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "loss_fn, kind, op",
+    [
+        (stable_cross_entropy, "lm_head", "mst::linear_row_loss"),
+        (focal_loss, "lm_head", "mst::linear_row_loss"),
+        # Two sums: the per-token values (cross-entropy and logsumexp) are kept, the graph adds them.
+        (cross_entropy_and_z_loss, "lm_head per-token", "mst::linear_rows_forward"),
+    ],
+)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_any_row_wise_loss_is_one_site_at_the_head(loss_fn, kind, op, compiler):
+    """No table lists these forms: each reduces the logits row by row to values per token, then to
+    a scalar, so the head and every op up to the per-token values are one chunked site."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reference, trained = model(), model()
+    ids, labels = batch()
+    expected = loss_fn(reference(ids), labels)
+    expected.backward()
+    step = torch.compile(lambda ids, y: loss_fn(trained(ids), y), backend=mst_fx.backend(chunk_size=16, compiler=compiler))
+    step(ids, labels).backward()  # compiles
+    trained.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = step(ids, labels)
+        got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    heads = [s for r in mst_fx.compiled_reports() for s in r.sites if s.kind.startswith("lm_head")]
+    assert [(s.kind, s.location, s.rewritten, s.chunks) for s in heads] == [(kind, "trained.head", True, 6)], skipped_reasons()
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("mst::")}
+    assert calls.get(op) == 1, calls
+    assert "mst::linear_rows_backward" in calls if kind == "lm_head per-token" else "mst::linear_rows_backward" not in calls
+
+
+def test_a_row_wise_loss_leaves_no_logits_sized_tensor_in_the_graph():
+    """The stable cross-entropy's one-hot mask is N x V booleans, made from the labels, not the
+    logits: the site makes it per chunk too. After the rewrite no node of the graph is N x V."""
+    from test_saved_for_backward import dynamo_graph
+
+    from mst_fx.options import MstOptions
+    from mst_fx.passes import rewrite
+
+    trained = model()
+    ids, labels = batch()
+    gm, inputs = dynamo_graph(lambda ids, y: stable_cross_entropy(trained(ids), y), ids, labels)
+
+    def logits_sized(graph_module):
+        values = (n.meta.get("example_value") for n in graph_module.graph.nodes)
+        return [v.shape for v in values if isinstance(v, torch.Tensor) and v.dim() > 1 and v.shape[-1] == V and v.shape.numel() > V * D]
+
+    assert logits_sized(gm)  # the logits, the mask, the margins
+    rewritten, report = rewrite(gm, inputs, MstOptions(chunk_size=16))
+    assert [(s.kind, s.rewritten) for s in report.sites if s.kind.startswith("lm_head")] == [("lm_head", True)]
+    assert logits_sized(rewritten) == []

@@ -145,7 +145,7 @@ def llama():
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_training_drops_the_logits_loudly_and_says_so_once(compiler, caplog, monkeypatch):
-    monkeypatch.setattr("mst_fx.passes.manager._already_logged", set())
+    monkeypatch.setattr("mst_fx.dynamo_backend._warned", set())
     model = torch.compile(llama(), backend=mst_fx.backend(chunks=4, compiler=compiler))
     ids, labels = random_batch(VOCAB, 1, 16)
     with caplog.at_level(logging.WARNING, logger="mst_fx"):

@@ -1,9 +1,10 @@
 """mst on third-party model code from the package index, run as its own trainer runs it: torchtitan
 0.3.0's Llama-3 (blocks compiled one by one, head and loss outside: the README's one line brings the
-head in) and litgpt 0.5.13's GPT (model compiled, `chunked_cross_entropy` outside, under Lightning
-Fabric). Loss and every gradient against eager; the head must be chunked. Skipped unless the stacks
-are installed (`tools/stacks_install.sh`: they need --no-deps and pinned side packages on torch
-2.13 CPU, so they are not test extras)."""
+head in), litgpt 0.5.13's GPT (model compiled, `chunked_cross_entropy` outside, under Lightning
+Fabric) and x-transformers 2.31.10's decoder (its AutoregressiveWrapper compiled whole, its own
+stable cross_entropy inside). Loss and every gradient against eager; the head must be chunked.
+Skipped unless the stacks are installed (`tools/stacks_install.sh`: they need --no-deps and pinned
+side packages on torch 2.13 CPU, so they are not test extras)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch
 
 import mst_fx
 
-from third_party_stacks import build_litgpt, build_torchtitan, build_torchtitan_moe, training_step
+from third_party_stacks import build_litgpt, build_torchtitan, build_torchtitan_moe, build_x_transformers, training_step
 
 OPTIONS = {"chunk_size": 64, "compiler": "aot_eager"}
 
 
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def _rows(sites) -> str:
+    """The report's rows, one a line, for an assertion's message: what mst did at each site and why."""
+    return "\n".join(f"{s.kind} at {s.location}: {'rewritten' if s.rewritten else s.reason}" for s in sites)
 
 
 # chunk_size 64 at 256 tokens; or a memory budget that lets every MLP keep its intermediates, at a
@@ -71,3 +77,34 @@ def test_torchtitan_moe_trains_with_the_routed_experts_chunked(dtype):
     experts = [s for r in mst_fx.compiled_reports() for s in r.sites if s.kind == "moe experts"]
     assert experts and all(s.rewritten for s in experts), experts
     assert (experts[0].experts, experts[0].top_k, experts[0].chunks) == (8, 2, 3)
+
+
+def test_x_transformers_trains_with_its_stable_cross_entropy_chunked():
+    """x-transformers' AutoregressiveWrapper compiled whole: one graph holds the decoder, the head
+    and torch_einops_utils' `cross_entropy`, which is no F.cross_entropy but its stable form (one-hot
+    `arange == target`, gather, logsumexp of a where, softplus, a where on valid labels, sum / count).
+    Every feed-forward (GELU-GLU) is chunked and the head is one chunked site; the attention
+    projections, which widen 4x at dim 64 (x-transformers' dim_head is 64 whatever the width), are no
+    site at all."""
+    if not _installed("x_transformers"):
+        pytest.skip("x_transformers is not installed (tools/stacks_install.sh)")
+    from x_transformers.x_transformers import FeedForward
+
+    size = {"dim": 64, "layers": 2, "heads": 4, "vocab": 512}
+    reference, stack = build_x_transformers(256, **size), build_x_transformers(256, **size)
+    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
+    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(**OPTIONS))
+    got = training_step(model, stack.inputs, stack.labels, loss_fn)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    sites = [s for r in mst_fx.compiled_reports() for s in r.sites]
+    feed_forwards = [n for n, m in stack.model.named_modules() if isinstance(m, FeedForward)]
+    mlps = [s.location for s in sites if s.kind.startswith("mlp") and s.rewritten]
+    assert len(feed_forwards) == size["layers"] and len(mlps) == len(feed_forwards), _rows(sites)
+    assert all(any(loc == n or loc.startswith(n + ".") for loc in mlps) for n in feed_forwards), _rows(sites)
+    heads = [s for s in sites if s.kind.startswith("lm_head") or s.location == "net.to_logits"]
+    assert [(h.location, h.rewritten) for h in heads] == [("net.to_logits", True)], _rows(sites)
+    assert heads[0].kind.startswith("lm_head"), _rows(sites)
+    projections = {"to_q", "to_k", "to_v", "to_out"}
+    assert not [s for s in sites if projections & set(s.location.split("."))], _rows(sites)

@@ -1,9 +1,9 @@
-"""Tiny models and training steps of two third-party training stacks, built the way their own
+"""Tiny models and training steps of three third-party training stacks, built the way their own
 trainers build and run them (random weights, nothing downloaded), for tools/stack_bench.py and
 for tests. Needs the stacks installed (tools/stacks_install.sh); they are imported only inside the
-builders, so importing this module needs neither.
+builders, so importing this module needs none of them.
 
-    stack = build_torchtitan(4096)                  # or build_litgpt(4096)
+    stack = build_torchtitan(4096)                  # or build_litgpt(4096), build_x_transformers(4096)
     model, loss_fn = stack.compile_model_fn(stack.model, "mst")   # the trainer's compile calls
     loss = training_step(model, stack.inputs, stack.labels, loss_fn)
 
@@ -29,6 +29,18 @@ litgpt 0.5.13 (litgpt/pretrain.py `main`, `fit`): `GPT(config)` under `fabric.in
   `model = fabric.setup(model)`; per step `input_ids = data[:, :T]`, `targets = data[:, 1:T+1]`,
   `logits = model(input_ids)`, `loss = chunked_cross_entropy(logits, targets)` (litgpt/utils.py,
   chunk_size 128, outside the compiled model), `fabric.backward(loss)`.
+x-transformers 2.31.10 (README.md "Decoder-only (GPT-like)", train_enwik8.py): `TransformerWrapper(
+  num_tokens, max_seq_len, attn_layers=Decoder(dim, depth, heads, rotary_pos_emb=True))` in
+  `AutoregressiveWrapper` (x_transformers/autoregressive_wrapper.py); per step
+  `loss = model(seq)` on `seq_len + 1` ids (`TextSamplerDataset.__getitem__`), `loss.backward()`.
+  The wrapper is the step: `AutoregressiveWrapper.forward` feeds all of seq to the net
+  (`TransformerWrapper.forward`, x_transformers/x_transformers.py: token embedding, the Decoder's
+  blocks, final norm, `to_logits`), drops the last position's logits, and takes the loss of the
+  rest against `seq[:, 1:]` with torch_einops_utils' `cross_entropy` (stable_softmax.py
+  `cross_entropy` -> `_cross_entropy`: one-hot mask `arange == target`, gather of the target logit,
+  logsumexp of a where over the others, softplus; a where on labels != -100, sum / count), not
+  F.cross_entropy. train_enwik8.py runs it eagerly; compiling it is `torch.compile(model)` on the
+  wrapper, so one graph holds the model, its head and that loss.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-IGNORE_INDEX = -100  # both stacks' ignore index
+IGNORE_INDEX = -100  # every stack's ignore index
 
 
 class Stack(NamedTuple):
@@ -207,7 +219,44 @@ def build_litgpt(
     return Stack(model, {"idx": input_ids}, targets, chunked_cross_entropy, compile_model_fn)
 
 
-BUILDERS = {"torchtitan": build_torchtitan, "litgpt": build_litgpt}
+# ---------------------------------------------------------------- x-transformers 2.31.10
+
+
+def build_x_transformers(
+    tokens: int, dim: int = 256, layers: int = 2, heads: int = 4, vocab: int = 32000, seed: int = 0,
+    **decoder_options,
+) -> Stack:  # fmt: skip
+    """x-transformers' decoder-only TransformerWrapper in its AutoregressiveWrapper, as its README
+    and train_enwik8.py build it. Decoder options: rotary_pos_emb=True (train_enwik8.py's; it also
+    drops the absolute position embedding, whose max_seq_len the wrapper's tokens + 1 ids would
+    exceed) and ff_glu=True (the README's gated feed-forward: GELU-GLU, one fused
+    Linear(dim, 2 * 4 * dim) then Linear(4 * dim, dim), ff_mult 4); the rest stay x-transformers'
+    defaults (LayerNorm, biased FF, dim_head 64, its own attention rather than SDPA), and
+    decoder_options add to or replace them. The model is the wrapper: its parameters are
+    `net.*`, the head `net.to_logits`."""
+    from x_transformers import Decoder, TransformerWrapper
+    from x_transformers.autoregressive_wrapper import AutoregressiveWrapper
+
+    options = {"rotary_pos_emb": True, "ff_glu": True, **decoder_options}
+    torch.manual_seed(seed)  # the constructors init from the global RNG (TokenEmbedding.init_, nn.Linear's)
+    decoder = Decoder(dim=dim, depth=layers, heads=heads, **options)
+    wrapper = AutoregressiveWrapper(TransformerWrapper(num_tokens=vocab, max_seq_len=tokens, attn_layers=decoder))
+
+    def compile_model_fn(model, backend: str | None):
+        """`torch.compile(model)` on the whole wrapper: the loss is computed inside the graph."""
+        return (torch.compile(model, backend=backend) if backend else model), _wrapper_loss
+
+    seq = _random_sequence(tokens, vocab, seed)  # TextSamplerDataset: seq_len + 1 ids, split by the wrapper
+    return Stack(wrapper.train(), {"x": seq}, seq[:, 1:], _wrapper_loss, compile_model_fn)
+
+
+def _wrapper_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AutoregressiveWrapper returns the loss itself, its targets (`x[:, 1:]`, what Stack.labels
+    holds) taken from the input: nothing is left to compute outside it."""
+    return loss
+
+
+BUILDERS = {"torchtitan": build_torchtitan, "litgpt": build_litgpt, "x-transformers": build_x_transformers}
 
 
 # ---------------------------------------------------------------- torchtitan 0.3.0, Qwen3-MoE

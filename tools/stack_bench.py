@@ -2,18 +2,23 @@
 
     cd tools && /work/stacks-venv/bin/python stack_bench.py                 # both stacks, eager/inductor/mst
     /work/stacks-venv/bin/python stack_bench.py --stacks litgpt --tokens 8192
+    /work/stacks-venv/bin/python stack_bench.py --stacks x-transformers --tokens 512
     /work/stacks-venv/bin/python stack_bench.py --check                     # loss and gradient parity with eager
 
 Stacks (tests/third_party_stacks.py builds them and says which trainer code each step follows):
 torchtitan 0.3.0 (blocks compiled one by one, head and loss outside, loss compiled on its own),
-torchtitan-chunked (the same with its ChunkedLossWrapper, its llama3 configs' default loss) and
-litgpt 0.5.13 (whole model compiled, chunked_cross_entropy outside). Install them with
-tools/stacks_install.sh. Variants: eager (no compile), inductor (the trainer's compile calls),
-mst (the same calls with backend="mst"), mst+head (mst after `apply_mst_head_recipe`).
+torchtitan-chunked (the same with its ChunkedLossWrapper, its llama3 configs' default loss),
+litgpt 0.5.13 (whole model compiled, chunked_cross_entropy outside) and x-transformers 2.31.10
+(its AutoregressiveWrapper compiled whole, its stable cross_entropy inside; GELU-GLU feed-forwards,
+4x wide). Install them with tools/stacks_install.sh. Variants: eager (no compile), inductor (the
+trainer's compile calls), mst (the same calls with backend="mst"), mst-lean (mst with
+memory_budget="off": every site chunked and recomputed; for the stacks that call torch.compile
+themselves, litgpt and x-transformers), mst+head (mst after `apply_mst_head_recipe`).
 
-Each variant runs in its own process (tools/step_runner.py): one warm-up step that compiles, then
-the measured steps; CPU peak is the rise of VmHWM over the first measured step, with
-MALLOC_MMAP_THRESHOLD_=65536, as in the rest of tools/.
+Each variant runs in its own process (tools/step_runner.py): two warm-up steps (the first compiles,
+the second is the first the memory budget's "auto" plans from a measurement), then the measured
+steps; CPU peak is the rise of VmHWM over the first measured step, with MALLOC_MMAP_THRESHOLD_=65536,
+as in the rest of tools/.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import tempfile
 from step_runner import measure, run_script_in_child
 from tabulate import tabulate
 
-VARIANTS = ("eager", "inductor", "mst", "mst+head")
-STACKS = ("torchtitan", "torchtitan-chunked", "torchtitan-moe", "litgpt")
+VARIANTS = ("eager", "inductor", "mst", "mst-lean", "mst+head")
+STACKS = ("torchtitan", "torchtitan-chunked", "torchtitan-moe", "litgpt", "x-transformers")
 RTOL = 1e-4  # parity: fp32, an error up to RTOL of the largest reference value passes
 
 
@@ -51,7 +56,8 @@ def load_stacks():
 def apply_mst_head_recipe(stack: str, model):
     """The README's one line for a stack that runs its head outside every compiled graph: compile
     the head alone with mst, so that it returns DeferredLogits and the stack's own loss runs chunked
-    on them. litgpt compiles the whole model, head included: nothing to add there."""
+    on them. litgpt compiles the whole model, head included, and x-transformers the whole wrapper,
+    head and loss included: nothing to add there."""
     if stack.startswith("torchtitan"):
         import mst_fx
 
@@ -71,10 +77,16 @@ def build_variant(payload: dict):
     elif name.startswith("torchtitan"):
         shape["loss"] = "chunked" if name == "torchtitan-chunked" else "ce"
         stack = stacks.build_torchtitan(payload["tokens"], **shape)
+    elif name == "x-transformers":  # x-transformers calls the width dim
+        stack = stacks.build_x_transformers(payload["tokens"], dim=shape.pop("hidden"), **shape)
     else:
         stack = stacks.build_litgpt(payload["tokens"], **shape)
     model = apply_mst_head_recipe(name, stack.model) if variant == "mst+head" else stack.model
     backend = {"eager": None, "inductor": "inductor"}.get(variant, "mst")
+    if variant == "mst-lean":  # the budget off: every site chunked and recomputed (litgpt, x-transformers)
+        import mst_fx
+
+        backend = mst_fx.backend(memory_budget="off")
     extra = {"loss_backend": payload["loss_backend"]} if name.startswith("torchtitan") else {}
     step_model, loss_fn = stack.compile_model_fn(model, backend, **extra)
     return stack, step_model, loss_fn  # gradients are read off stack.model: a recipe may wrap it
@@ -95,7 +107,7 @@ def child_main(payload: dict) -> dict:
 
     if payload.get("grads_to"):
         return {"losses": [step()]}
-    return measure(step, payload["steps"])
+    return measure(step, payload["steps"], warmup=payload.get("warmup", 2))
 
 
 # ---------------------------------------------------------------- the parent
@@ -104,7 +116,7 @@ def child_main(payload: dict) -> dict:
 def run_variant(args, stack: str, variant: str, grads_to: str | None = None) -> dict:
     payload = {
         "stack": stack, "variant": variant, "tokens": args.tokens, "hidden": args.hidden, "layers": args.layers,
-        "vocab": args.vocab, "seed": args.seed, "steps": args.steps, "loss_backend": args.loss_backend,
+        "vocab": args.vocab, "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "loss_backend": args.loss_backend,
         "grads_to": grads_to,
     }  # fmt: skip
     print(f"{stack}: {variant} ...", file=sys.stderr, flush=True)
@@ -190,11 +202,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stacks", default="torchtitan,litgpt", help=f"comma-separated, of {','.join(STACKS)}")
     p.add_argument("--tokens", type=int, default=4096, help="sequence length (batch 1)")
-    p.add_argument("--hidden", type=int, default=256, help="model width; the MLP is the Llama-3 rule's (768 at 256)")
+    p.add_argument("--hidden", type=int, default=256,
+                   help="model width; the MLP is the Llama-3 rule's (768 at 256), x-transformers' 4x")  # fmt: skip
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--variants", default="eager,inductor,mst", help=f"comma-separated, of {','.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up steps")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up steps: the first compiles; under memory_budget='auto' the second compiles what keeping needs")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-backend", default="same", choices=["same", "inductor", "eager"],
                    help="torchtitan: what compiles its loss fn; 'same', the trainer's, is the model's")  # fmt: skip

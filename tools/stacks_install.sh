@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs torchtitan 0.3.0 and litgpt 0.5.13 next to mst-fx, for tools/stack_bench.py and
-# tests/third_party_stacks.py, with only what their model and loss code import.
+# Installs torchtitan 0.3.0, litgpt 0.5.13 and x-transformers 2.31.10 next to mst-fx, for
+# tools/stack_bench.py and tests/third_party_stacks.py, with only what their model and loss code import.
 #
 #   python3 -m venv /work/stacks-venv && PYTHON=/work/stacks-venv/bin/python tools/stacks_install.sh
 #
@@ -32,6 +32,11 @@ PIP=("$PYTHON" -m pip install -q -c "$PIN")
 "${PIP[@]}" --no-deps lightning==2.6.6
 "${PIP[@]}" lightning-utilities==0.15.3 torchmetrics==1.9.0  # imported by `import lightning`
 "${PIP[@]}" jsonargparse==4.41.0            # imported by litgpt/__init__ (its CLI)
+# x-transformers: with its deps, each pinned: `import x_transformers` imports every one
+# (torch-einops-utils also holds the cross_entropy its AutoregressiveWrapper trains with), and einx
+# imports frozendict, numpy and sympy (the last two already here, from torch and transformers).
+"${PIP[@]}" x-transformers==2.31.10 einops==0.8.2 einx==0.4.3 torch-einops-utils==0.2.0 loguru==0.7.3 \
+    frozendict==2.5.1
 
 # pip prints "ERROR: pip's dependency resolver ..." for the --no-deps packages' unmet requirements
 # above (and `pip check` lists them): expected, the exit status is 0.
@@ -41,5 +46,6 @@ import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 import litgpt.model, litgpt.pretrain, litgpt.utils, lightning  # noqa: F401,E401
 import torchtitan.components.loss, torchtitan.distributed.compile, torchtitan.models.llama3  # noqa: F401,E401
+import x_transformers  # noqa: F401
 print(f"stacks ok: torch {torch.__version__}")
 EOF

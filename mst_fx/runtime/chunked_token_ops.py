@@ -16,6 +16,16 @@ The upstream gradient is one number per token and output, known only in backward
 recomputes each chunk's logits (the MLP rewrite's scheme: one more head matmul per chunk). All
 outputs share one pass over the chunks; those that are not differentiable (an argmax, a value
 computed under no_grad) are computed in forward only and cost no backward.
+
+A row-wise loss: when the graph reduces the one value per token straight to a scalar (a sum or a
+mean over every token: a cross-entropy written in any form, a focal loss), `ChunkedLinearRowLoss`
+takes the sum too. Its upstream gradient is then a scalar, so its forward computes the gradients
+as well, with no recompute, as the LM head's cross-entropy does:
+
+    mst::linear_row_loss(site, x, params, token_inputs, whole_inputs, needs)
+        for c in chunks:   loss_c, dx, dz = gradient of sum(row_function(head(x[c]), ...)) * scale
+                           loss += loss_c;  grad_x[c] = dx;  grad_W.addmm_(dz.T, x[c])
+        backward: grad_x * grad_loss, grad_W * grad_loss
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from torch import Tensor, fx
 
 from . import chunk_bodies, memory_budget
 from .chunked_ops import (
+    ChunkedLinearCrossEntropy,
     CrossEntropyForm,
     _autocast_dtype,
     _ChunkedSite,
@@ -65,9 +76,7 @@ class ChunkedLinearRows(_ChunkedSite):
 
     def forward(self, x: Tensor, params: list, token_inputs: list, whole_inputs: list) -> tuple[Tensor, ...]:
         lead = x.shape[:-1]
-        rows = x.reshape(-1, x.shape[-1])
-        tokens = [_flat(t, lead if where == "model" else rows.shape[:1], tail) for t, (where, tail) in zip(token_inputs, self.token_specs)]
-        wholes = [w.reshape(tail) for w, tail in zip(whole_inputs, self.whole_specs)]
+        rows, tokens, wholes = _flat_inputs(x, token_inputs, whole_inputs, self.token_specs, self.whole_specs)
         counts = (len(params), len(tokens))
         outs = _LinearRowsFunction.apply(self.key, counts, rows, *params, *tokens, *wholes)
         return tuple(o.view(*lead, *o.shape[1:]) if where == "model" else o for o, where in zip(outs, self.output_leads))
@@ -77,6 +86,45 @@ class ChunkedLinearRows(_ChunkedSite):
 
     def extra_repr(self) -> str:
         return f"{self.policy.describe()}, {self.form}, differentiable={self.differentiable}"
+
+
+class ChunkedLinearRowLoss(_ChunkedSite):
+    """The head, a row-wise function of its logits to one value per token, and the sum (or mean)
+    of those values over every token: a scalar loss, with its gradients computed in forward.
+
+    `row_function`: as `ChunkedLinearRows`', with one output, (c,) or (c, k)."""
+
+    # Reported as an LM head (`passes/budget_report.py`), and sized as one: a chunk's logits, one
+    # N/M x V intermediate and their gradient (Inductor fuses the row function's elementwise ops).
+    WORK_TENSORS, WORK_ITEMSIZE = ChunkedLinearCrossEntropy.WORK_TENSORS, ChunkedLinearCrossEntropy.WORK_ITEMSIZE
+
+    def __init__(
+        self, form: CrossEntropyForm, row_function: fx.GraphModule, token_specs: tuple, whole_specs: tuple,
+        mean: bool, widths: tuple[int, int], options: SiteOptions,
+    ):  # fmt: skip
+        super().__init__(widths, options)
+        self.form, self.row_function, self.mean = form, row_function, mean
+        self.token_specs, self.whole_specs = token_specs, whole_specs
+        self.register(form, token_specs, whole_specs, mean, row_function.code)
+
+    def forward(self, x: Tensor, params: list, token_inputs: list, whole_inputs: list) -> Tensor:
+        rows, tokens, wholes = _flat_inputs(x, token_inputs, whole_inputs, self.token_specs, self.whole_specs)
+        return _LinearRowLossFunction.apply(self.key, (len(params), len(tokens)), rows, *params, *tokens, *wholes)
+
+    def chunk(self, linear, x, params, *inputs):
+        (values,) = self.row_function(head_logits(linear, x, params, self.form), *inputs)
+        return values.sum()
+
+    def extra_repr(self) -> str:
+        return f"{self.policy.describe()}, {self.form}, {'mean' if self.mean else 'sum'} over tokens"
+
+
+def _flat_inputs(x: Tensor, token_inputs: list, whole_inputs: list, token_specs: tuple, whole_specs: tuple):
+    """(x as rows (N, d), each input read per token as (N, ...), each input read whole in its shape)."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    tokens = [_flat(t, lead if where == "model" else rows.shape[:1], tail) for t, (where, tail) in zip(token_inputs, token_specs)]
+    return rows, tokens, [w.reshape(tail) for w, tail in zip(whole_inputs, whole_specs)]
 
 
 def _flat(tensor: Tensor, lead, tail) -> Tensor:
@@ -188,3 +236,55 @@ class _LinearRowsFunction(torch.autograd.Function):
         )
         found = [next(grads) if need else None for need in needs]
         return None, None, *found, *(None for _ in rest)
+
+
+@torch.library.custom_op("mst::linear_row_loss", mutates_args=())
+def linear_row_loss(
+    site: str, x: Tensor, params: list[Tensor | None], token_inputs: list[Tensor], whole_inputs: list[Tensor],
+    needs: list[bool], autocast_dtype: torch.dtype | None,
+) -> list[Tensor]:  # fmt: skip
+    """[loss, *the gradients in `needs`] (x, then each param), those of the loss itself."""
+    head = _site(site)
+    x, *params = _contiguous([x, *params])
+    tokens, wholes = _contiguous(token_inputs), _contiguous(whole_inputs)
+    probe = _probe_loss(head, x, params, tokens, wholes, autocast_dtype)
+    count = x.shape[0] * probe.numel() if head.mean else 1  # the mean's denominator: every value of every token
+    scale = x.new_full((), 1.0 / max(count, 1), dtype=torch.float32)
+    total, grad_x, grads = _gradient_loop(head, x, lambda s, n: scale, params, _narrowed(tokens, wholes), needs, autocast_dtype, True)
+    loss = total / count if head.mean else total
+    return [loss.to(probe.dtype), *(g for g in [grad_x, *grads] if g is not None)]
+
+
+@linear_row_loss.register_fake
+def _(site, x, params, token_inputs, whole_inputs, needs, autocast_dtype):
+    probe = _probe_loss(_site(site), x, params, token_inputs, whole_inputs, autocast_dtype)
+    return [x.new_empty((), dtype=probe.dtype), *(torch.empty_like(t) for t, need in zip([x, *params], needs) if need)]
+
+
+def _probe_loss(site: ChunkedLinearRowLoss, x, params, tokens, wholes, autocast_dtype) -> Tensor:
+    """The per-token value of zero rows: its dtype, and its values per token (the trailing shape)."""
+    inputs = _narrowed(tokens, wholes)(0, 0)
+    with torch.no_grad(), chunk_bodies.autocast(x.device.type, autocast_dtype):
+        logits = head_logits(chunk_bodies.plain_linear(params), x.narrow(0, 0, 0), params, site.form)
+        (values,) = site.row_function(logits, *inputs)
+    return values.new_empty(values.shape[1:])
+
+
+class _LinearRowLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key: str, counts: tuple[int, int], x: Tensor, *tensors: Tensor | None):
+        params, rest = list(tensors[: counts[0]]), tensors[counts[0] :]
+        tokens, wholes = list(rest[: counts[1]]), list(rest[counts[1] :])
+        needs = [ctx.needs_input_grad[2], *ctx.needs_input_grad[3 : 3 + counts[0]]]
+        loss, *grads = torch.ops.mst.linear_row_loss(key, x, params, tokens, wholes, needs, _autocast_dtype(x))
+        found = iter(grads)
+        ctx.save_for_backward(*(next(found) if need else None for need in needs))
+        ctx.rest = len(rest)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward()
+        scale = grad_loss.float()  # in fp32, as the LM head's: a loss scale may not fit in bf16/fp16
+        grad_x, *grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
+        return None, None, grad_x, *grads, *(None for _ in range(ctx.rest))
