@@ -23,7 +23,7 @@ from mst_fx.passes.lm_head import dropped_logits_outputs
 from mst_fx.passes.returned_logits import deferred_outputs
 from mst_fx.runtime.deferred_logits import defer_outputs
 from mst_fx.runtime.dropped_logits import mark_outputs
-from mst_fx.tracing import restored_attributes
+from mst_fx.tracing import ddp_split, restored_attributes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def _skip_transformers_warning_once() -> None:
 
 
 _skip_transformers_warning_once()
+ddp_split.install()
 
 
 @restored_attributes.mark_mst_backend
@@ -66,11 +67,18 @@ def backend(**options):
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=None, model_training=None):
-    """`model_training`: the compiled model's `training` flag when known (`mst_fx.compile`), else None."""
+    """`model_training`: the compiled model's `training` flag when known (`mst_fx.compile`), else None.
+
+    Under DDP (`mst_fx.tracing.ddp_split`) this gets the whole graph, rewrites it and has Dynamo's
+    DDP optimizer split the result; the pieces come back here and are compiled as they are."""
+    if ddp_split.compiling_pieces():
+        return hand_off(gm, example_inputs, options.compiler, mode)
+    split = ddp_split.splitter()
+    compile_whole = split or (lambda graph: hand_off(graph, example_inputs, options.compiler, mode))
     record_graph(gm)
     rewritten, report = rewrite(gm, example_inputs, options, model_training)
     try:
-        compiled = hand_off(rewritten, example_inputs, options.compiler, mode)
+        compiled = compile_whole(rewritten)
         compiled = mark_outputs(defer_outputs(compiled, *deferred_outputs(rewritten)), dropped_logits_outputs(rewritten))
     except torch._dynamo.exc.RestartAnalysis:
         raise  # Dynamo's own control flow (it traces again), not a failure
@@ -80,7 +88,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         log.warning(
             "mst: compiling the rewritten graph failed (%s: %s); compiling it unrewritten", type(error).__name__, error
         )
-        compiled, rewritten = hand_off(gm, example_inputs, options.compiler, mode), gm
+        compiled, rewritten = compile_whole(gm), gm
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     record_report(report)
     _warn_once_if_logits_dropped(rewritten, report)

@@ -299,10 +299,18 @@ def erase_unused(nodes) -> None:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with a copy of `gm`'s graph; submodules and parameters are shared, not copied."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+    """A GraphModule with a copy of `gm`'s graph; submodules and parameters are shared, not copied.
+    What Dynamo marks on the graph and its inputs goes with it: DDP's optimizer reads it."""
+    graph, copies = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    copy = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for node, new in copies.items():
+        if hasattr(node, "_dynamo_source"):
+            new._dynamo_source = node._dynamo_source
+    return copy
 
 
 _PATH_SEPARATOR = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")

@@ -262,6 +262,10 @@ def _ddp_optimizer_split_this_graph() -> bool:
     from torch._dynamo.utils import get_optimize_ddp_mode
     from torch.nn.parallel import DistributedDataParallel
 
+    from mst_fx.tracing import ddp_split
+
+    if ddp_split.splitter() is not None:  # mst rewrites the whole graph; the optimizer splits the result
+        return False
     return get_optimize_ddp_mode() == "ddp_optimizer" and DistributedDataParallel._get_active_ddp_module() is not None
 
 

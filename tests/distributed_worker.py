@@ -56,8 +56,8 @@ def main(scenario: str, out_dir: str) -> None:
 
 def _ddp(rank: int, world: int, records: _Records) -> dict:
     """DDP with 1 MiB buckets (DDP's smallest: Dynamo's DDPOptimizer refuses a cap under its 1 MiB
-    first bucket) and 1 MiB weights, so that every bucket boundary falls inside an MLP: first with
-    Dynamo's default `optimize_ddp`, then with the line the warning names."""
+    first bucket) and 1 MiB weights, so that a split of the graph as Dynamo traced it would cut
+    every MLP: first with Dynamo's default `optimize_ddp`, then with `optimize_ddp = False`."""
 
     def build():
         torch.manual_seed(0)

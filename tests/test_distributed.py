@@ -28,7 +28,7 @@ needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
 
-# The one line mst's warning names; checked to keep every site below.
+# The line mst's warning named when DDP's split cut MLPs; never needed now.
 DDP_FIX = "torch._dynamo.config.optimize_ddp = False"
 
 
@@ -96,39 +96,46 @@ def fsdp2(tmp_path_factory) -> list[dict]:
     return _run_ranks("fsdp2", tmp_path_factory.mktemp("fsdp2"))
 
 
-@needs_gloo
-def test_ddp_small_buckets_warn_once_with_the_fix(ddp):
-    """Dynamo's DDPOptimizer cuts the graph where a 1 MiB bucket fills, inside each MLP: mst reports
-    those MLPs as cut and says once, at WARNING, which line keeps the graph whole."""
-    from mst_fx.passes.mlp import CUT_REASON
+def _buckets(run: dict) -> int:
+    """How many pieces DDP's optimizer split the rewritten graph into, as mst logged it."""
+    said = [m for level, m in run["logs"] if "split it at" in m]
+    assert len(said) == 1, run["logs"]
+    return int(said[0].split("split it at ")[1].split(" ")[0])
 
+
+@needs_gloo
+def test_ddp_default_optimizer_rewrites_every_site_and_keeps_the_buckets(ddp):
+    """Dynamo's default `optimize_ddp` with 1 MiB buckets, smaller than the MLPs' weights: mst
+    rewrites the whole graph before the optimizer splits it, so no boundary cuts a site; the graph
+    is still split at the buckets (DDP's all-reduce overlaps the backward), and nothing is said."""
     for rank, result in enumerate(ddp):
         run = result["default"]
-        warnings = [message for level, message in run["logs"] if level == "WARNING"]
-        assert len(warnings) == 1, (rank, warnings)
-        assert DDP_FIX in warnings[0] and "DDP" in warnings[0], warnings[0]
-        cut = sorted(s["location"] for s in _sites(run) if s["reason"] == CUT_REASON)
-        # Each MLP's two widening linears (gate, up) leave their graph before `down`.
-        assert cut == ["blocks.0.gate", "blocks.0.up", "blocks.1.gate", "blocks.1.up"], (rank, cut)
-        assert not any(kind.startswith("mlp") for kind, _ in _rewritten(run)), rank
-        assert _rewritten(run) == [("lm_head", "head")], rank  # the head and its loss stay together
-        # The pieces share one compile id; each is counted, so every cut site is in the totals.
-        assert sorted(loc for kind, loc, _ in run["counted_sites"] if kind == "mlp") == cut, rank
-        _assert_parity(run)  # left alone, still correct
+        assert _rewritten(run) == [("lm_head", "head"), ("mlp gated", "blocks.0"), ("mlp gated", "blocks.1")], rank
+        assert all(s["rewritten"] for s in _sites(run)), (rank, _sites(run))
+        assert not [m for level, m in run["logs"] if level == "WARNING"], rank
+        assert run["op_calls"] == ALL_SITES_CHUNKED, (rank, run["op_calls"])
+        assert _buckets(run) >= 3, rank  # 4 MiB of weights in 1 MiB buckets
+        _assert_parity(run)
 
 
 @needs_gloo
-def test_ddp_default_optimizer_on_a_model_returning_logits_trains_and_says_why(ddp_logits):
-    """DDP's graph optimizer compiles each piece of the split graph on fake tensors; a model that
-    returns its logits (HF, train mode) must still train, with parity, and the one WARNING naming
-    the fix for the MLPs the buckets cut."""
+def test_ddp_default_optimizer_on_a_model_returning_logits(ddp_logits):
+    """An HF causal LM in train mode returns its logits next to its loss; under DDP's graph optimizer
+    its pieces are compiled on fake tensors. Every site is rewritten (the attention mask too: it is
+    read in the whole graph, not in the piece that gets it as an input), the logits dropped, with
+    parity."""
     for rank, result in enumerate(ddp_logits):
         run = result["default"]
-        warnings = [message for level, message in run["logs"] if level == "WARNING"]
-        assert any(DDP_FIX in w for w in warnings), (rank, warnings)
-        # The last piece holds the head and its loss: rewritten there, its logits dropped.
-        assert ("lm_head", "lm_head") in _rewritten(run), (rank, _rewritten(run))
+        kinds = sorted(kind for kind, _ in _rewritten(run))
+        assert ("lm_head", "lm_head") in _rewritten(run) and kinds.count("mlp gated") == 2, (rank, _rewritten(run))
+        # The causal mask is built before the first layer, in what would be another piece: read whole.
+        assert [(s["location"], s["rewritten"]) for s in _sites(run) if s["kind"] == "attention"] == [
+            ("model.layers.0.self_attn", True)
+        ], (rank, _sites(run))
+        assert not [m for level, m in run["logs"] if DDP_FIX in m], rank
         assert run["op_calls"].get("mst::linear_cross_entropy") == 1, (rank, run["op_calls"])
+        assert run["op_calls"].get("mst::mlp_forward") == 2, (rank, run["op_calls"])
+        assert _buckets(run) >= 2, rank
         _assert_parity(run)
 
 

@@ -103,6 +103,8 @@ class GraphBreakMonitor:
         decided = [self._decide(brk, below) for brk, below in self._pending]
         self._pending = []
         for record in self._unseen(_dynamo_records()):
+            if _is_ddp_split(record):
+                continue
             brk, below = _read(record)
             if record is cutting:
                 self._pending.append((brk, below))
@@ -148,6 +150,12 @@ class GraphBreakMonitor:
         span = _function_span(frame.filename, frame.lineno)
         lines = self._traced_lines.get(frame.filename, ())
         return span is not None and any(span[0] <= line <= span[1] for line in lines)
+
+
+def _is_ddp_split(record) -> bool:
+    """DDP's graph optimizer records its cuts at gradient buckets as breaks: no code leaves a graph
+    there, and mst rewrites the graph before the cut (`ddp_split.py`)."""
+    return (getattr(record, "reason", None) or "").startswith("DDPOptimizer intentional graph-break")
 
 
 def _dynamo_records() -> list[Any]:
