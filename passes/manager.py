@@ -3,7 +3,8 @@
 1. `attention.py`: an SDPA whose mask is read as a function of its indices (causal, padding,
    windows, chunks, packed documents) runs with `is_causal=True` and no mask when causal is all
    it is, and otherwise by blocks of queries that never build the N x N mask; in the graph and
-   its checkpoint bodies.
+   its checkpoint bodies. `written_attention.py` reports attention written out as matmuls and a
+   softmax (its N x N scores stay), rewriting nothing.
 2. `moe_experts.py`: a mixture-of-experts layer's routed experts (top-k routing per token, dispatch,
    expert matmuls, combine) become `ChunkedExperts` (recompute per chunk in backward), in the graph
    and in its checkpoint bodies. It runs before the MLP pass, whose linears a loop over per-expert
@@ -51,6 +52,7 @@ from .moe_experts import find_expert_sites, rewrite_expert_site
 from .report import GraphReport, SiteReport
 from .returned_logits import find_returned_heads, rewrite_returned_head
 from .token_head import find_token_head_sites, rewrite_token_head_site
+from .written_attention import find_written_attention
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def _run_passes(gm: fx.GraphModule, example_inputs, options: PassOptions, model_
     training = is_training(example_inputs)
     if options.attention:
         report.sites += _rewrite_attention(gm, bodies, options)
+        report.sites += [r for g in (gm, *bodies) for r in find_written_attention(g)]  # reported only
     experts = []
     if options.experts:
         experts += _rewrite_experts(gm, options, checkpointed=False)

@@ -125,7 +125,8 @@ class WideHeadAttention(nn.Module):
 
 def test_attention_projections_are_not_reported_as_heads():
     """A projection whose output is split into heads reaches a softmax over keys, not over its own
-    width: it is no LM head, and the report says nothing of it. The real head is one rewritten row."""
+    width: it is no LM head, and the report says nothing of it. The real head is one rewritten row;
+    the attention, written out, is one row left alone with what it keeps."""
     model = MLPStack(VOCAB, HIDDEN, INTERMEDIATE, layers=1)
     model.blocks.insert(0, WideHeadAttention(HIDDEN))
     ids = torch.zeros(1, TOKENS, dtype=torch.long)
@@ -133,6 +134,10 @@ def test_attention_projections_are_not_reported_as_heads():
     assert not [s.location for s in report.sites if "to_" in s.location], to_table(report)
     heads = [(s.location, s.rewritten) for s in report.sites if s.kind.startswith("lm_head")]
     assert heads == [("head", True)], to_table(report)
+    # The attention itself is no SDPA: its N x N scores stay, and the report says so at its module.
+    (attention,) = [s for s in report.sites if s.kind == "attention"]
+    assert attention.location == "blocks.0" and not attention.rewritten, to_table(report)
+    assert "written out" in attention.reason and f"8 x {TOKENS} x {TOKENS}" in attention.reason, attention.reason
 
 
 def test_explain_says_nothing_of_dropped_logits(caplog, monkeypatch):
