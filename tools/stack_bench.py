@@ -69,7 +69,7 @@ def build_variant(payload: dict):
     """(stack, step_model, loss_fn) for one variant, after the trainer's compile calls."""
     stacks = load_stacks()
     name, variant = payload["stack"], payload["variant"]
-    shape = {k: payload[k] for k in ("hidden", "layers", "vocab", "seed")}
+    shape = {k: payload[k] for k in ("hidden", "layers", "vocab", "seed")} | payload.get("stack_options", {})
     if name == "torchtitan-moe":  # Qwen3-MoE blocks at Qwen3-30B-A3B's ratios: top-8 of 16, k·I/d = 3
         hidden = shape.pop("hidden")
         sizes = {"dim": hidden, "moe_hidden": 3 * hidden // 8, "experts": 16, "top_k": 8}
@@ -117,6 +117,7 @@ def run_variant(args, stack: str, variant: str, grads_to: str | None = None) -> 
     payload = {
         "stack": stack, "variant": variant, "tokens": args.tokens, "hidden": args.hidden, "layers": args.layers,
         "vocab": args.vocab, "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "loss_backend": args.loss_backend,
+        "stack_options": dict(_option(o) for o in args.stack_option),
         "grads_to": grads_to,
     }  # fmt: skip
     print(f"{stack}: {variant} ...", file=sys.stderr, flush=True)
@@ -124,6 +125,17 @@ def run_variant(args, stack: str, variant: str, grads_to: str | None = None) -> 
         return run_script_in_child(os.path.abspath(__file__), payload, args.timeout, f"{stack} {variant}")
     except Exception as error:  # one failed variant is reported in the table, not fatal
         return {"error": last_line(str(error))}
+
+
+def _option(text: str) -> tuple[str, object]:
+    """`key=value` with the value read as a Python literal (True, 4, 'x'), or as text."""
+    import ast
+
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def last_line(text: str) -> str:
@@ -213,6 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-backend", default="same", choices=["same", "inductor", "eager"],
                    help="torchtitan: what compiles its loss fn; 'same', the trainer's, is the model's")  # fmt: skip
+    p.add_argument("--stack-option", dest="stack_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the stack's builder (x-transformers: a Decoder option, e.g. attn_flash=True)")  # fmt: skip
     p.add_argument("--check", action="store_true", help="parity of the loss and every gradient with eager")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per variant")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
