@@ -24,6 +24,21 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _step_against_eager(build, tokens: int, options: dict, recipe=None, **size):
+    """One training step of a stack compiled with mst (after `recipe(model)`, if any) against the
+    same step in eager: the loss and every gradient. (the stack, the sites its graphs reported)"""
+    reference, stack = build(tokens, **size), build(tokens, **size)
+    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
+    if recipe is not None:
+        recipe(stack.model)
+    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(**options))
+    got = training_step(model, stack.inputs, stack.labels, loss_fn)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    return stack, [s for r in mst_fx.compiled_reports() for s in r.sites]
+
+
 def _rows(sites) -> str:
     """The report's rows, one a line, for an assertion's message: what mst did at each site and why."""
     return "\n".join(f"{s.kind} at {s.location}: {'rewritten' if s.rewritten else s.reason}" for s in sites)
@@ -41,16 +56,8 @@ def test_stack_trains_with_the_head_chunked(name, setting):
         pytest.skip(f"{name} is not installed (tools/stacks_install.sh)")
     tokens, options = SETTINGS[setting]
     build = build_torchtitan if name == "torchtitan" else build_litgpt
-    reference, stack = build(tokens, vocab=2000), build(tokens, vocab=2000)
-    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
-    if name == "torchtitan":
-        mst_fx.compile(stack.model.lm_head, **options)  # the recipe's one line
-    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(**options))
-    got = training_step(model, stack.inputs, stack.labels, loss_fn)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
-    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
-    sites = [s for r in mst_fx.compiled_reports() for s in r.sites]
+    recipe = (lambda model: mst_fx.compile(model.lm_head, **options)) if name == "torchtitan" else None  # its one line
+    _, sites = _step_against_eager(build, tokens, options, recipe, vocab=2000)
     heads = [s for s in sites if s.kind == "lm_head"]
     assert len(heads) == 1 and heads[0].rewritten and heads[0].loss_outside, sites
     mlps = [s for s in sites if s.kind.startswith("mlp") and s.rewritten]
@@ -91,14 +98,7 @@ def test_x_transformers_trains_with_its_stable_cross_entropy_chunked():
     from x_transformers.x_transformers import FeedForward
 
     size = {"dim": 64, "layers": 2, "heads": 4, "vocab": 512}
-    reference, stack = build_x_transformers(256, **size), build_x_transformers(256, **size)
-    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
-    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(**OPTIONS))
-    got = training_step(model, stack.inputs, stack.labels, loss_fn)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
-    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
-    sites = [s for r in mst_fx.compiled_reports() for s in r.sites]
+    stack, sites = _step_against_eager(build_x_transformers, 256, OPTIONS, **size)
     feed_forwards = [n for n, m in stack.model.named_modules() if isinstance(m, FeedForward)]
     mlps = [s.location for s in sites if s.kind.startswith("mlp") and s.rewritten]
     assert len(feed_forwards) == size["layers"] and len(mlps) == len(feed_forwards), _rows(sites)
