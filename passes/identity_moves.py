@@ -22,8 +22,9 @@ _MOVES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
 
 
 def fold_identity_moves(start: fx.Node) -> int:
-    """Replace every chain of single-reader moves after `start` (or after a node downstream of it)
-    that composes to the identity by its input; the count of chains folded."""
+    """Replace every chain of single-reader moves after `start` (or after a node downstream of it
+    that keeps its last dim) that composes to the identity by its input; the count of chains folded."""
+    width = (shape_of(start) or (None,))[-1]
     folded, todo, seen = 0, [start], set()
     while todo:
         node = todo.pop()
@@ -36,7 +37,7 @@ def fold_identity_moves(start: fx.Node) -> int:
                 end.replace_all_uses_with(node)
                 _erase_chain(end, node)
                 folded += 1
-        todo.extend(node.users)
+        todo.extend(u for u in node.users if (shape_of(u) or (None,))[-1] == width)  # rows of the head's width
     return folded
 
 

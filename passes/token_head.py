@@ -156,9 +156,8 @@ def _match(gm: fx.GraphModule, head: Linear, policy: ChunkPolicy) -> TokenHeadSi
     _fuse_piece_loops(gm, start, frame)
     split_token_reductions(n for n in _downstream(start) if any(_is_logits(a, frame) for a in n.all_input_nodes))
     region = _region(gm, start, frame)
-    total = _token_sum(region, frame)
-    if total is not None:
-        region = _sorted(gm, [*region, *_between(region, total)], first=start)
+    total, tail = _token_sum(region, frame) or (None, [])
+    region = _sorted(gm, [*region, *tail], first=start)
     outputs = [total.args[0]] if total is not None else _outputs(region)
     inputs = _external_inputs(region, frame)
     _check_inputs(inputs)
@@ -246,9 +245,9 @@ def _sorted(gm: fx.GraphModule, nodes, first: fx.Node) -> list[fx.Node]:
 _TOKEN_SUMS = {"sum", "mean"}
 
 
-def _token_sum(region: list[fx.Node], frame: Frame) -> fx.Node | None:
-    """The one sum (or mean) over every token that all the region's per-token values reach, through
-    row-wise ops on per-token values only (a softplus, a `where` on the valid labels, a focal
+def _token_sum(region: list[fx.Node], frame: Frame) -> tuple[fx.Node, set[fx.Node]] | None:
+    """(the one sum or mean over every token that all the region's per-token values reach, the
+    row-wise ops on per-token values on the way: a softplus, a `where` on the valid labels, a focal
     weight): then the head is a scalar loss. None when a value is read any other way."""
     inside, todo, totals = set(region), [n for n in region if not _is_logits(n, frame)], set()
     while todo:
@@ -267,7 +266,7 @@ def _token_sum(region: list[fx.Node], frame: Frame) -> fx.Node | None:
         return None
     (total,) = totals
     value = example_value(total.args[0])
-    return total if value is not None and value.requires_grad else None
+    return (total, inside - set(region)) if value is not None and value.requires_grad else None
 
 
 def _reads_per_token_only(ops: set[fx.Node], start: fx.Node) -> bool:
@@ -284,19 +283,6 @@ def _is_token_sum(node: fx.Node) -> bool:
         node.op in ("call_function", "call_method") and op_name(node) in _TOKEN_SUMS
         and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
     )  # fmt: skip
-
-
-def _between(region: list[fx.Node], total: fx.Node) -> list[fx.Node]:
-    """The per-token ops from the region's values to `total`'s input (what `_token_sum` walked)."""
-    inside, found, todo = set(region), set(), [total.args[0]]
-    downstream = _downstream(region[0])
-    while todo:
-        node = todo.pop()
-        if node in inside or node in found:
-            continue
-        found.add(node)
-        todo.extend(a for a in node.all_input_nodes if a in downstream)
-    return list(found)
 
 
 def _is_logits(node: fx.Node, frame: Frame) -> bool:
