@@ -57,7 +57,8 @@ def main(scenario: str, out_dir: str) -> None:
 def _ddp(rank: int, world: int, records: _Records) -> dict:
     """DDP with 1 MiB buckets (DDP's smallest: Dynamo's DDPOptimizer refuses a cap under its 1 MiB
     first bucket) and 1 MiB weights, so that a split of the graph as Dynamo traced it would cut
-    every MLP: first with Dynamo's default `optimize_ddp`, then with `optimize_ddp = False`."""
+    every MLP: with Dynamo's default `optimize_ddp`; the same with mst seeing only the pieces; then
+    with `optimize_ddp = False`."""
 
     def build():
         torch.manual_seed(0)
@@ -67,8 +68,22 @@ def _ddp(rank: int, world: int, records: _Records) -> dict:
         return model(ids, labels)
 
     default = _ddp_phase(build, step, records)
+    pieces = _without_whole_graph(lambda: _ddp_phase(build, step, records))
     torch._dynamo.config.optimize_ddp = False
-    return {"default": default, "optimize_ddp_false": _ddp_phase(build, step, records)}
+    return {"default": default, "pieces": pieces, "optimize_ddp_false": _ddp_phase(build, step, records)}
+
+
+def _without_whole_graph(run):
+    """`run()` with DDP's optimizer as torch ships it, handing mst only the pieces (what a torch
+    release that moved `DDPOptimizer.compile_fn` would do)."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    wrapped = DDPOptimizer.compile_fn
+    DDPOptimizer.compile_fn = wrapped._mst_original
+    try:
+        return run()
+    finally:
+        DDPOptimizer.compile_fn = wrapped
 
 
 def _ddp_phase(build, step, records: _Records) -> dict:

@@ -28,7 +28,7 @@ needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
 
-# The line mst's warning named when DDP's split cut MLPs; never needed now.
+# The line mst's warning names when it sees only the pieces of DDP's split.
 DDP_FIX = "torch._dynamo.config.optimize_ddp = False"
 
 
@@ -115,6 +115,23 @@ def test_ddp_default_optimizer_rewrites_every_site_and_keeps_the_buckets(ddp):
         assert not [m for level, m in run["logs"] if level == "WARNING"], rank
         assert run["op_calls"] == ALL_SITES_CHUNKED, (rank, run["op_calls"])
         assert _buckets(run) >= 3, rank  # 4 MiB of weights in 1 MiB buckets
+        _assert_parity(run)
+
+
+@needs_gloo
+def test_ddp_pieces_alone_report_the_cut_mlps_and_warn_once_with_the_fix(ddp):
+    """Where mst can't take the whole graph first (the optimizer as torch ships it), it sees only
+    the pieces: the MLPs the buckets cut are reported as cut, one WARNING names the line that keeps
+    them whole, and the step is still correct."""
+    from mst_fx.passes.mlp import CUT_REASON
+
+    for rank, result in enumerate(ddp):
+        run = result["pieces"]
+        warnings = [message for level, message in run["logs"] if level == "WARNING"]
+        assert len(warnings) == 1 and DDP_FIX in warnings[0], (rank, warnings)
+        cut = sorted(s["location"] for s in _sites(run) if s["reason"] == CUT_REASON)
+        assert cut == ["blocks.0.gate", "blocks.0.up", "blocks.1.gate", "blocks.1.up"], (rank, cut)
+        assert _rewritten(run) == [("lm_head", "head")], rank  # the head and its loss stay together
         _assert_parity(run)
 
 
