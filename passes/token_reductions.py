@@ -32,8 +32,7 @@ def split_token_reductions(nodes) -> int:
     split = 0
     for node in list(nodes):
         arguments = _reduced_over_rows(node)
-        if arguments is not None:
-            _write_out(node, arguments)
+        if arguments is not None and _write_out(node, arguments):
             split += 1
     return split
 
@@ -52,7 +51,8 @@ def _reduced_over_rows(node: fx.Node) -> dict | None:
     return a if value is not None and value.dim() == 2 else None
 
 
-def _write_out(node: fx.Node, a: dict) -> None:
+def _write_out(node: fx.Node, a: dict) -> bool:
+    """Whether `node` was written out (not when the new nodes' values can't be computed)."""
     graph = node.graph
     kwargs = {k: v for k, v in a.items() if k not in ("input", "target", "size_average", "reduce")}
     with graph.inserting_before(node):
@@ -64,7 +64,8 @@ def _write_out(node: fx.Node, a: dict) -> None:
             result = graph.call_function(operator.truediv, (total, counted))
     made = [terms, total] if result is total else [terms, total, result.args[1].args[0], result.args[1], result]
     if not propagate_example_values(made, grad_enabled_at(graph.owning_module, node)):
-        erase_unused(made[::-1])
-        return
+        erase_unused(made)
+        return False
     node.replace_all_uses_with(result)
     graph.erase_node(node)
+    return True
