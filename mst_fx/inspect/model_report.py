@@ -30,9 +30,11 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
                              holds any of its sites)
       estimated_peak_bytes   {"before", "after", "saving"} of this graph's sites
       sites                  list, in graph order, each:
-        kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown)
+        kind                   "mlp gated" | "mlp fused" | "mlp plain" | "lm_head" ("mlp" when the form is unknown;
+                               "lm_head": the head and a cross-entropy, or any row-wise loss summed over tokens)
                                | "lm_head per-token" (values kept per token: log-probs, entropies, ...)
-                               | "attention" (one per attention mask, shared by the SDPA calls that take it)
+                               | "attention" (one per attention mask, shared by the SDPA calls that take it; or,
+                               left alone, one layer's attention written out as matmuls and a softmax)
                                | "moe experts" (a mixture-of-experts layer's routed experts: dispatch, expert
                                matmuls and combine, chunked over tokens)
         location               owning module, from the parameter names, e.g. "model.layers.3.mlp"
