@@ -38,6 +38,11 @@ REASON = (
 )
 
 
+def is_written_attention(site: SiteReport) -> bool:
+    """A report of this module's (attention written out), not of an attention mask."""
+    return site.kind == "attention" and not site.rewritten and (site.reason or "").startswith(REASON.split(" (")[0])
+
+
 def find_written_attention(gm: fx.GraphModule) -> list[SiteReport]:
     """A report for each softmax over the keys of scores made by a product of two tensors, whose
     probabilities are multiplied into values."""

@@ -133,6 +133,8 @@ def _step(model, inputs):
 
 
 def _record_sites(result: FamilyResult, reports) -> None:
+    from mst_fx.passes.written_attention import is_written_attention
+
     # A graph compiled again reports the same sites again; a block whose weights are shared by
     # several layers (Zamba) reports them once per layer within one graph, which counts.
     unique = {tuple((s.kind, s.location, s.rewritten, s.reason) for s in r.sites): r for r in reports}
@@ -143,7 +145,7 @@ def _record_sites(result: FamilyResult, reports) -> None:
     result.mlp_rewritten = sum(s.rewritten for s in mlps)
     experts = [s for s in sites if s.kind == "moe experts"]
     result.experts_found, result.experts_rewritten = len(experts), sum(s.rewritten for s in experts)
-    masks = [s for s in sites if s.kind == "attention"]
+    masks = [s for s in sites if s.kind == "attention" and not is_written_attention(s)]  # masks, not attention written out
     result.masks_found, result.masks_rewritten = len(masks), sum(s.rewritten for s in masks)
     result.mask_forms = sorted({s.mask for s in masks if s.rewritten and s.mask})
     result.lm_head = any(s.rewritten for s in sites if s.kind == "lm_head")
