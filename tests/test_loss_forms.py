@@ -211,3 +211,24 @@ def test_a_row_wise_loss_leaves_no_logits_sized_tensor_in_the_graph():
     rewritten, report = rewrite(gm, inputs, MstOptions(chunk_size=16))
     assert [(s.kind, s.rewritten) for s in report.sites if s.kind.startswith("lm_head")] == [("lm_head", True)]
     assert logits_sized(rewritten) == []
+
+
+@pytest.mark.parametrize("loss_fn", [stable_cross_entropy, focal_loss])
+def test_a_row_wise_loss_serves_every_length_from_one_graph(loss_fn):
+    """Under dynamic shapes the site's chunk count follows the length: three lengths, one graph,
+    the loss and every gradient equal to eager's at each."""
+    reference, trained = model(), model()
+    step = torch.compile(lambda ids, y: loss_fn(trained(ids), y), backend=mst_fx.backend(**OPTIONS), dynamic=True)
+    for n in (48, 40, 33):
+        ids, labels = batch(n=n)
+        reference.zero_grad(), trained.zero_grad()
+        expected = loss_fn(reference(ids), labels)
+        expected.backward()
+        got = step(ids, labels)
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        for (name, p), (_, q) in zip(trained.named_parameters(), reference.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    reports = mst_fx.compiled_reports()
+    assert len(reports) == 1, "recompiled"
+    assert [(s.kind, s.rewritten) for s in reports[0].sites if s.kind.startswith("lm_head")] == [("lm_head", True)]
