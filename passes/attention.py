@@ -114,7 +114,7 @@ def _site(mask: fx.Node | None, calls: list[AttentionCall], policy: ChunkPolicy)
     first = calls[0]
     q, k = (example_value(first.arguments[name]) for name in ("query", "key"))
     report = SiteReport(
-        "attention", _location(first.node), False, calls=len(calls),
+        "attention", attention_location(first.node), False, calls=len(calls),
         tokens=size_hint(q.shape[0]) * size_hint(q.shape[-2]) if q is not None else None,
         in_width=size_hint(q.shape[-1]) if q is not None else None,
         amplified_width=size_hint(k.shape[-2]) if k is not None else None, itemsize=1,
@@ -155,7 +155,7 @@ def _check_call(call: AttentionCall, mask: fx.Node, form: MaskForm) -> None:
         )
 
 
-def _location(node: fx.Node) -> str:
+def attention_location(node: fx.Node) -> str:
     """The attention module, from Dynamo's record of the modules a node was traced in, named as in
     the module the user compiled."""
     stack = node.meta.get("nn_module_stack") or {}

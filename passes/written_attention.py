@@ -20,7 +20,7 @@ import math
 import torch
 from torch import fx
 
-from .attention import _location
+from .attention import attention_location
 from .graph_utils import example_value, is_inactive_dropout, shape_of, size_hint
 from .report import SiteReport
 from .row_function import op_name
@@ -92,4 +92,4 @@ def _report(softmax: fx.Node) -> SiteReport:
     heads, queries, keys = math.prod(shape[:-2]), shape[-2], shape[-1]
     mib = heads * queries * keys * itemsize / 2**20
     reason = REASON.format(heads=heads, queries=queries, keys=keys, mib=mib)
-    return SiteReport("attention", _location(softmax), False, reason)
+    return SiteReport("attention", attention_location(softmax), False, reason)

@@ -371,10 +371,15 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward()
-        # In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded.
-        scale = grad_loss.float()
-        grad_x, *grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
+        grad_x, *grads = scaled_saved_gradients(ctx, grad_loss)
         return None, grad_x, None, None, *grads
+
+
+def scaled_saved_gradients(ctx, grad_loss: Tensor) -> list[Tensor | None]:
+    """The gradients a scalar loss's forward computed and saved, times the loss's gradient.
+    In fp32: GradScaler's 65536 is inf in fp16, and a bf16 scale would be rounded."""
+    scale = grad_loss.float()
+    return [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
 
 
 # ---------------------------------------------------------------- the modules the passes insert

@@ -45,6 +45,7 @@ from .chunked_ops import (
     _site,
     head_logits,
     refuse_double_backward,
+    scaled_saved_gradients,
 )
 from .site_options import SiteOptions
 
@@ -111,9 +112,13 @@ class ChunkedLinearRowLoss(_ChunkedSite):
         rows, tokens, wholes = _flat_inputs(x, token_inputs, whole_inputs, self.token_specs, self.whole_specs)
         return _LinearRowLossFunction.apply(self.key, (len(params), len(tokens)), rows, *params, *tokens, *wholes)
 
-    def chunk(self, linear, x, params, *inputs):
+    def values(self, linear, x, params, *inputs) -> Tensor:
+        """The row function's one value (or k values) per token of a chunk."""
         (values,) = self.row_function(head_logits(linear, x, params, self.form), *inputs)
-        return values.sum()
+        return values
+
+    def chunk(self, linear, x, params, *inputs):
+        return self.values(linear, x, params, *inputs).sum()
 
     def extra_repr(self) -> str:
         return f"{self.policy.describe()}, {self.form}, {'mean' if self.mean else 'sum'} over tokens"
@@ -265,8 +270,7 @@ def _probe_loss(site: ChunkedLinearRowLoss, x, params, tokens, wholes, autocast_
     """The per-token value of zero rows: its dtype, and its values per token (the trailing shape)."""
     inputs = _narrowed(tokens, wholes)(0, 0)
     with torch.no_grad(), chunk_bodies.autocast(x.device.type, autocast_dtype):
-        logits = head_logits(chunk_bodies.plain_linear(params), x.narrow(0, 0, 0), params, site.form)
-        (values,) = site.row_function(logits, *inputs)
+        values = site.values(chunk_bodies.plain_linear(params), x.narrow(0, 0, 0), params, *inputs)
     return values.new_empty(values.shape[1:])
 
 
@@ -285,6 +289,5 @@ class _LinearRowLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         refuse_double_backward()
-        scale = grad_loss.float()  # in fp32, as the LM head's: a loss scale may not fit in bf16/fp16
-        grad_x, *grads = [None if g is None else (g.float() * scale).to(g.dtype) for g in ctx.saved_tensors]
+        grad_x, *grads = scaled_saved_gradients(ctx, grad_loss)
         return None, None, grad_x, *grads, *(None for _ in range(ctx.rest))
