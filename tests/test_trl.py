@@ -34,6 +34,18 @@ def run(trainer: str, mode: str, tmp_path) -> dict:
     return result
 
 
+# A metric that thresholds a difference of logged values: (the metric, the difference it thresholds).
+THRESHOLDED = {"rewards/accuracies": "rewards/margins"}  # DPO: mean(chosen reward > rejected reward)
+
+
+def at_a_tie(logged: dict) -> set[str]:
+    """The thresholded metrics of a step whose difference is at a tie (within the tolerance the
+    values are compared with): DPO's first step, where the policy is its reference and every reward
+    is 0. There a rounding-sized reward flips the `>`, so the metric says nothing of parity; the
+    rewards themselves are still compared."""
+    return {metric for metric, difference in THRESHOLDED.items() if abs(logged.get(difference, 1.0)) <= 1e-5}
+
+
 @pytest.mark.skipif(not trl.__version__.startswith("1.14."), reason="TRL >= 1.15 replaces the head with its own kernel")
 @pytest.mark.parametrize("trainer", ["grpo", "dpo"])
 def test_trainer_with_mst_logs_what_it_logs_without(trainer, tmp_path):
@@ -45,7 +57,7 @@ def test_trainer_with_mst_logs_what_it_logs_without(trainer, tmp_path):
     assert len(mst["logs"]) == len(plain["logs"]) == 4  # 3 steps, then the summary
     for got, expected in zip(mst["logs"], plain["logs"]):
         assert got.keys() == expected.keys()
-        for key in expected.keys() - TIMING:
+        for key in expected.keys() - TIMING - at_a_tie(expected):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (got["step"], key)
     assert "lm_head (loss outside)" in mst["mst_last_report"], mst["mst_last_report"]
     assert not [line for line in mst["mst_fx_log"] if "computed them in full" in line], mst["mst_fx_log"]
