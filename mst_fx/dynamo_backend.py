@@ -21,6 +21,8 @@ from mst_fx.options import MstOptions
 from mst_fx.passes import GraphReport, rewrite
 from mst_fx.passes.lm_head import dropped_logits_outputs
 from mst_fx.passes.returned_logits import deferred_outputs
+from mst_fx.runtime import memory_budget
+from mst_fx.runtime.chunked_ops import ChunkedSite
 from mst_fx.runtime.deferred_logits import defer_outputs
 from mst_fx.runtime.dropped_logits import mark_outputs
 from mst_fx.tracing import ddp_split, restored_attributes
@@ -76,7 +78,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
     split = ddp_split.splitter()
     compile_whole = split or (lambda graph: hand_off(graph, example_inputs, options.compiler, mode))
     record_graph(gm)
+    options = options.in_group(memory_budget.SiteGroup())  # this graph's sites reserve room for each other
     rewritten, report = rewrite(gm, example_inputs, options, model_training)
+    sites = [m for m in rewritten.modules() if isinstance(m, ChunkedSite)]  # before DDP's split moves them
     try:
         compiled = compile_whole(rewritten)
         compiled = mark_outputs(defer_outputs(compiled, *deferred_outputs(rewritten)), dropped_logits_outputs(rewritten))
@@ -92,7 +96,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     record_report(report)
     _warn_once_if_logits_dropped(rewritten, report)
-    return _counting_blocks(compiled, example_inputs, report)
+    return _holding(sites if rewritten is not gm else [], _counting_blocks(compiled, example_inputs, report))
+
+
+def _holding(sites: list, compiled):
+    """`compiled`, holding the sites its graph calls by key: the runtime's registry holds them
+    weakly, so they live as long as this compiled graph (until Dynamo drops it)."""
+    if not sites:
+        return compiled
+
+    def call(*args):
+        return compiled(*args)
+
+    call.mst_sites = sites
+    return call
 
 
 _warned: set[str] = set()

@@ -40,10 +40,12 @@ class MstOptions:
                  accumulator, whatever the weight's dtype) or "param" (in place in the weight's
                  own dtype: no extra memory for bf16/fp16 weights, one rounding per chunk).
     memory_budget: the memory the chunked sites may hold (`mst_fx.runtime.memory_budget`): bytes
-                 (an int, or a string such as "6GiB"), "auto" (half of the memory free on the
-                 device at the first step), or "off" (always chunk at chunk_size="auto"'s rule and
-                 recompute). Within it, a site keeps its intermediates instead of recomputing
-                 them, and takes the fewest chunks that fit. Only with chunk_size and chunks "auto".
+                 (an int, or a string such as "6GiB"), "auto" (what the limits on this process
+                 still allow, a cgroup's or the CUDA allocator's included, read at every call,
+                 less what the process holds outside the sites at its most, less 10%), or "off"
+                 (always chunk at chunk_size="auto"'s rule and recompute). Within it, a site
+                 keeps its intermediates instead of recomputing them, and takes the fewest chunks
+                 that fit. Only with chunk_size and chunks "auto".
     """
 
     chunk_size: int | str = "auto"
@@ -90,6 +92,18 @@ class MstOptions:
     def budget(self) -> int | str:
         """The memory budget's setting: bytes, "auto" or "off" (see `memory_budget`)."""
         return memory_budget.parse_budget(self.memory_budget)
+
+    @property
+    def group(self) -> memory_budget.SiteGroup | None:
+        """The sites of the graph these options compile, once `in_group` set it (not an option)."""
+        return self.__dict__.get("_group")
+
+    def in_group(self, group: memory_budget.SiteGroup) -> MstOptions:
+        """These options for one compiled graph: the sites they build join `group`. The group is
+        no field, so options compare and hash as the user's do."""
+        copy = dataclasses.replace(self)
+        object.__setattr__(copy, "_group", group)
+        return copy
 
     @property
     def policy(self) -> ChunkPolicy:

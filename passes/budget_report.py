@@ -21,7 +21,8 @@ from mst_fx.runtime.chunked_token_ops import ChunkedLinearRows
 from .report import SiteReport
 
 # Per kind: the runtime's site class (what one chunk holds: `WORK_TENSORS` of `WORK_ITEMSIZE` bytes,
-# None for the input's), and the N x W tensors a kept site holds (gate and up, or fc's output)
+# None for the input's), and the N x W tensors a kept site holds (gate and up, or fc's output; routed
+# experts keep their autograd graph, `SiteReport.kept_row_bytes` per token)
 _SITES = {
     "mlp gated": (ChunkedMLP, 2),
     "mlp fused": (ChunkedMLP, 2),
@@ -42,7 +43,7 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
         for site in budgeted:
             site.decision = "auto: decided on the device at run time"
         return
-    budget = memory_budget.preview(setting, device)
+    budget, source = memory_budget.preview(setting, device)
     lean = [_lean_chunk_bytes(s) for s in budgeted]
     held = 0
     for index, site in enumerate(budgeted):
@@ -50,7 +51,7 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
         reserve = max((b for i, b in enumerate(lean) if i != index), default=0)
         decision = memory_budget.choose(site.tokens, budget, held, reserve, keep_row, work_row, keep_row > 0)
         held += site.tokens * keep_row if decision.keep else 0
-        site.budget = budget
+        site.budget, site.budget_source = budget, source
         site.decision = decision.describe(site.tokens, recomputes=site.kind != "lm_head")
         if setting == memory_budget.AUTO:
             site.decision = f"{site.decision} (auto: the first step is lean)"
@@ -61,7 +62,8 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
 def _row_bytes(site: SiteReport) -> tuple[int, int]:
     site_class, keep = _SITES[site.kind]
     itemsize = site_class.WORK_ITEMSIZE or site.itemsize
-    return keep * site.amplified_width * site.itemsize, site_class.WORK_TENSORS * site.amplified_width * itemsize
+    keep_row = site.kept_row_bytes or 0 if site.kind == "moe experts" else keep * site.amplified_width * site.itemsize
+    return keep_row, site_class.WORK_TENSORS * site.amplified_width * itemsize
 
 
 def _lean_chunk_bytes(site: SiteReport) -> int:

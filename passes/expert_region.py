@@ -314,6 +314,18 @@ def slot_bytes(region: ExpertRegion) -> tuple[int, int]:
     return best, itemsize
 
 
+def kept_bytes_per_token(region: ExpertRegion) -> int:
+    """Bytes per token of the region's token-sized intermediates, views left out: at least what
+    keeping the region's autograd graph for backward holds, since it saves some of them."""
+    total = 0
+    for node in region.nodes:
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and not value._is_view():
+            if _rows(value) in (region.tokens, region.tokens * region.top_k):
+                total += value.numel() * value.element_size()
+    return -(-total // max(1, region.tokens))
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -48,6 +48,7 @@ from .expert_region import (
     collect_region,
     combine_groups,
     is_batch_of_one,
+    kept_bytes_per_token,
     stacked_input,
     unmatched_routings,
     unrouted_expert_weights,
@@ -125,7 +126,8 @@ def rewrite_expert_site(gm: fx.GraphModule, site: ExpertSite, index: int, option
     out = example_value(region.output)
     widths = (site.report.in_width, site.report.amplified_width)
     output = (tuple(out.shape[1:]), out.dtype)
-    module = ChunkedExperts(site.lifted, len(region.rows), output, widths, region.experts / region.top_k, options)
+    sparsity, keep_row = region.experts / region.top_k, site.report.kept_row_bytes
+    module = ChunkedExperts(site.lifted, len(region.rows), output, widths, sparsity, keep_row, options)
     gm.add_submodule(name, module)
     last = region.nodes[-1]
     with gm.graph.inserting_before(last.next):
@@ -160,6 +162,7 @@ def _describe(report: SiteReport, region: ExpertRegion) -> None:
     report.tokens, report.in_width = region.tokens, size_hint(hidden[-1])
     report.amplified_width, report.itemsize = max(per_token, 1), itemsize
     report.experts, report.top_k = region.experts, region.top_k
+    report.kept_row_bytes = kept_bytes_per_token(region)
 
 
 def _location(combines, limit: int = 200) -> str:

@@ -30,7 +30,9 @@ class SiteReport:
     token_outputs: list[str] | None = None  # lm_head per-token: the values kept per token, "name (op)"
     experts: int | None = None  # moe experts: routed experts in the layer
     top_k: int | None = None  # moe experts: experts per token
+    kept_row_bytes: int | None = None  # moe experts: bytes per token that keeping its autograd graph holds at most
     budget: int | None = None  # bytes the memory budget's decision was made against (None: no budget)
+    budget_source: str | None = None  # what the budget was read from, e.g. "auto: cgroup v2 memory.max 3.00 GiB (/x)"
     decision: str | None = None  # the budget's decision at the traced length, e.g. "kept, no recompute"
 
     @property

@@ -167,7 +167,7 @@ def test_json_round_trips_with_the_documented_keys():
         "kind", "location", "rewritten", "reason", "chunks", "chunk_rows", "tokens", "in_width", "amplified_width",
         "itemsize",
         "logits_returned", "loss_outside", "checkpointed", "calls", "mask", "token_outputs", "experts", "top_k",
-        "budget", "decision",
+        "kept_row_bytes", "budget", "budget_source", "decision",
         "largest_intermediate_bytes",
         "estimated_bytes",
     }  # fmt: skip

@@ -19,7 +19,7 @@ from mst_fx.runtime.memory_budget import MIN_ROWS, choose
 # The tiny Llama below: one gated MLP (d 64 -> I 256) and an LM head (V 1000), fp32, on CPU.
 HIDDEN, INTERMEDIATE, VOCAB = 64, 256, 1000
 KEEP_ROW = 2 * INTERMEDIATE * 4  # gate and up, kept
-MLP_WORK_ROW = 6 * INTERMEDIATE * 4  # one chunk's tensors (`_ChunkedSite.WORK_TENSORS`)
+MLP_WORK_ROW = 6 * INTERMEDIATE * 4  # one chunk's tensors (`ChunkedSite.WORK_TENSORS`)
 HEAD_WORK_ROW = 3 * VOCAB * 4
 LEAN_ROWS = 256  # chunk_size="auto" on CPU at these widths and lengths: the floor
 
@@ -49,8 +49,8 @@ def decisions(monkeypatch):
     made = []
     decide = memory_budget.decide
 
-    def recorded(setting, key, x, *rest):
-        decision = decide(setting, key, x, *rest)
+    def recorded(setting, group, key, x, *rest):
+        decision = decide(setting, group, key, x, *rest)
         made.append((key.split("-")[0], x.shape[0], decision))
         return decision
 
@@ -61,11 +61,14 @@ def decisions(monkeypatch):
 @pytest.fixture
 def fresh_auto(monkeypatch):
     """"auto" as on a device with `free` bytes free and `in_use` bytes held by this process."""
+    from mst_fx.runtime import device_memory
+
     monkeypatch.setattr(memory_budget, "_AUTO", {})
 
     def on(free: int, in_use: int):
-        monkeypatch.setattr(memory_budget, "free_bytes", lambda device: free)
-        monkeypatch.setattr(memory_budget, "in_use_bytes", lambda device: in_use)
+        monkeypatch.setattr(device_memory, "headroom", lambda device: device_memory.Headroom(free, "a test's figure"))
+        monkeypatch.setattr(device_memory, "in_use", lambda device: in_use)
+        monkeypatch.setattr(device_memory, "peak", lambda device: in_use)
 
     return on
 

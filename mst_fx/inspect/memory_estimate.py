@@ -119,7 +119,9 @@ def estimate_site(site: SiteReport) -> SiteMemory:
         return SiteMemory(kept_before, added_before, 0, chunk_tensors * block_rows * site.amplified_width)
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
-        kept = KEPT_TENSORS.get(site.kind, 0) * full if (site.decision or "").startswith("kept") else 0
+        kept_row = site.kept_row_bytes or 0 if site.kind == "moe experts" else 0
+        kept = KEPT_TENSORS.get(site.kind, 0) * full + site.tokens * kept_row
+        kept = kept if (site.decision or "").startswith("kept") else 0
         return SiteMemory(kept_before, added_before, kept, chunk)
     gradients = (site.tokens + site.amplified_width) * site.in_width * site.itemsize
     return SiteMemory(kept_before, added_before, gradients, max(chunk, gradients))

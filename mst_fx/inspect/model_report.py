@@ -57,11 +57,16 @@ JSON (`ModelReport.to_dict()`, stable keys, format "mst-fx-report/1"):
         token_outputs          lm_head per-token: the values it keeps per token, "name (op)", named as
                                the traced code names them, e.g. "logps (gather)" (null for other kinds)
         experts, top_k         moe experts: the routed experts and the experts per token (null for other kinds)
+        kept_row_bytes         moe experts: bytes per token that keeping its autograd graph holds at most
         budget                 bytes the memory budget's decision was made against (`memory_budget`
                                option; null when off, or for a site it does not decide: attention)
+        budget_source          what that budget was read from: "memory_budget" (bytes given), or under
+                               "auto" the limit that binds, e.g. "auto: cgroup v2 memory.max 3.00 GiB (/pod)",
+                               "auto: MemAvailable", "auto: CUDA per-process memory fraction 0.5 of 79.18 GiB"
         decision               that decision at the traced length: "kept, no recompute" (the MLP keeps its
-                               intermediates), "one chunk", or "M chunks of C, recomputed"; under "auto",
-                               the steps' after the first, which runs lean while it is measured
+                               intermediates, routed experts their autograd graph), "one chunk", or "M chunks
+                               of C, recomputed"; under "auto", the steps' after the first, which runs lean
+                               while it is measured
         largest_intermediate_bytes   {"before", "after"}: one N x W tensor against one chunk's, or null
         estimated_bytes        {"kept_before", "added_before", "kept_after", "added_after"}
     graph_breaks           list, each a graph break Dynamo met while tracing (`mst_fx.tracing.graph_breaks`):

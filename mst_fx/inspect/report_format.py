@@ -43,6 +43,9 @@ def to_table(report: ModelReport) -> str:
         parts.append(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
     else:
         parts.append("no MLP, LM-head or attention-mask site found")
+    sources = dict.fromkeys(s.budget_source for s in report.counted_sites if s.budget_source)
+    if sources:
+        parts.append("memory budget read from: " + "; ".join(sources))
     parts.append(tabulate(_total_rows(report), headers=TOTAL_COLUMNS, tablefmt="github", disable_numparse=True))
     method = METHOD
     unknown = sum(not s.has_shapes for s in report.counted_sites)

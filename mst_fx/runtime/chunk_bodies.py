@@ -262,6 +262,12 @@ def compiled(key: tuple, body: Callable, layouts: list | None, inputs: Sequence[
     return entry
 
 
+def forget(site_key: str) -> None:
+    """Drop the bodies compiled for a site that is gone (`chunked_ops._forget`)."""
+    for entry in [k for k in _BODIES if k[0][0] == site_key]:
+        del _BODIES[entry]
+
+
 # The dispatch state of ordinary code. A custom op's implementation runs with autograd's dispatch
 # keys excluded; tracing a gradient body needs autograd, so the trace runs in this state instead.
 ORDINARY_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())

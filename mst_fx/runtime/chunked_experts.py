@@ -6,18 +6,25 @@ ids and weights) and the hidden states to the combined (T, d) output, into one g
 `whole` are the experts' weights. The pass has proven the region row-wise: a token's output row
 depends only on its own input rows. So it runs over chunks of tokens:
 
-    forward    mst::experts_forward(site, rows, whole)
+    forward    mst::experts_forward(site, rows, whole, needs) -> (out, ticket)
         for c in chunks:   out[c] = region(rows[c], whole)              the graph saves only rows
-    backward   mst::experts_backward(site, rows, whole, grad_out, needs)
+    backward   mst::experts_backward(site, rows, whole, ticket, grad_out, needs)
         for c in chunks:   recompute region(rows[c], whole) under autograd, then
                            grad_rows[c] = d out[c] / d rows[c]           (the router's gradient too)
                            grad_whole  += d out[c] / d whole            (fp32 accumulators)
 
-Alive at once: the rows and their gradients (T x d, T x k), one fp32 accumulator per expert
-weight, and one chunk's dispatch: its T_c·k gathered rows, gate/up, activation and outputs. The
-per-chunk weight gradient comes out of the chunk's own grouped matmul (a weight-sized tensor) and
-is added into the accumulator: unlike a linear's `addmm_`, a grouped matmul can't accumulate in
-place, so one weight-sized partial is alive next to the accumulator during the backward loop.
+When the memory budget lets the call keep (`memory_budget.py`), the forward runs the region once
+over all its tokens under autograd and keeps that autograd graph behind the ticket: the dispatch
+is not run again, and the backward is `autograd.grad` of the kept output. The bytes kept are the
+tensors autograd saved (counted by a saved-tensor hook as they are saved); the decision reads the
+pass's bound per token (`kept_bytes_per_token`: every token-sized intermediate of the region) until
+a keep has measured the real figure.
+
+Alive at once when chunked: the rows and their gradients (T x d, T x k), one fp32 accumulator per
+expert weight, and one chunk's dispatch: its T_c·k gathered rows, gate/up, activation and outputs.
+The per-chunk weight gradient comes out of the chunk's own grouped matmul (a weight-sized tensor)
+and is added into the accumulator: unlike a linear's `addmm_`, a grouped matmul can't accumulate
+in place, so one weight-sized partial is alive next to the accumulator during the backward loop.
 
 Regions whose dispatch has data-dependent sizes (a loop over `nonzero` positions) can't be traced
 into a fixed-shape body; those run as the lifted graph itself, chunk by chunk, under autograd.
@@ -31,28 +38,30 @@ import torch
 from torch import Tensor, fx
 
 from . import chunk_bodies, memory_budget
-from .chunked_ops import _autocast_dtype, _ChunkedSite, _site, refuse_double_backward
+from .chunked_ops import _autocast_dtype, ChunkedSite, _site, refuse_double_backward
 from .site_options import SiteOptions
 
 log = logging.getLogger(__name__)
 
 
-class ChunkedExperts(_ChunkedSite):
+class ChunkedExperts(ChunkedSite):
     """`region(*rows, *whole)` over chunks of tokens; backward recomputes one chunk at a time."""
 
     WORK_TENSORS = 4  # `memory_estimate`'s figure, in units of the largest dispatch tensor
 
     def __init__(
         self, region: fx.GraphModule, row_count: int, output: tuple[tuple[int, ...], torch.dtype],
-        widths: tuple[int, int], sparsity: float, options: SiteOptions,
+        widths: tuple[int, int], sparsity: float, keep_row: int, options: SiteOptions,
     ):  # fmt: skip
         """`output`: the trailing shape and dtype of the region's output. `widths`: the hidden
         width d and the elements per token of the region's largest tensor (what the policy cuts).
-        `sparsity`: experts over experts per token, E / k (it scales the policy's chunk floor)."""
+        `sparsity`: experts over experts per token, E / k (it scales the policy's chunk floor).
+        `keep_row`: bytes per token that keeping the region's autograd graph holds at most."""
         super().__init__(widths, options)
         self.region, self.row_count, self.sparsity = region, row_count, sparsity
         self.floor_scale = sparsity
         self.out_tail, self.out_dtype = output
+        self.keep_row = keep_row  # replaced by what a keep measured, once one has
         self.traceable = True  # False once a body could not be traced at fixed shapes
         self.register(row_count, output, sparsity, region.code)
 
@@ -66,8 +75,8 @@ class ChunkedExperts(_ChunkedSite):
         return f"{self.policy.describe()}, {self.row_count} row inputs"
 
 
-def _chunks(site: ChunkedExperts, rows: list[Tensor]) -> list[tuple[int, int]]:
-    return site.chunks_of(rows[0])
+def _chunks(site: ChunkedExperts, rows: list[Tensor], decision) -> list[tuple[int, int]]:
+    return site.chunks_of(rows[0], decision)
 
 
 def _forward_body(region, autocast_dtype):
@@ -121,17 +130,59 @@ def _data_dependent(error: Exception) -> bool:
     return isinstance(error, data_dependent) or "data-dependent" in text or "DynamicOutputShape" in text
 
 
-def _forward_loop(site: ChunkedExperts, rows: list[Tensor], whole: list[Tensor], autocast_dtype) -> Tensor:
+def _forward_loop(site: ChunkedExperts, rows: list[Tensor], whole: list[Tensor], autocast_dtype, decision) -> Tensor:
     out = rows[0].new_empty((rows[0].shape[0], *site.out_tail), dtype=site.out_dtype)
     body = _forward_body(site.region, autocast_dtype)
-    for start, length in _chunks(site, rows):
+    for start, length in _chunks(site, rows, decision):
         inputs = [r.narrow(0, start, length) for r in rows] + whole
         (out_c,) = _run(site, (site.key, "forward", autocast_dtype), body, inputs)
         out.narrow(0, start, length).copy_(out_c)
     return out
 
 
-def _backward_loop(site, rows, whole, grad_out, needs, autocast_dtype) -> list[Tensor]:
+def _keeping_forward(site: ChunkedExperts, inputs: list[Tensor], needs: list[bool], autocast_dtype):
+    """(output, (the output with its autograd graph, the leaves), bytes autograd saved): the region
+    once over all tokens under autograd, its graph kept for the backward."""
+    counted = _SavedBytes(inputs)
+    ordinary = torch._C._ForceDispatchKeyGuard(*chunk_bodies.ORDINARY_DISPATCH)
+    with ordinary, torch.enable_grad(), chunk_bodies.autocast(inputs[0].device.type, autocast_dtype):
+        leaves = [t.detach().requires_grad_(need) if need else t for t, need in zip(inputs, needs)]
+        with torch.autograd.graph.saved_tensors_hooks(counted.pack, lambda t: t):
+            out = site.region(*leaves)
+    return out.detach(), (out, leaves), counted.nbytes
+
+
+class _SavedBytes:
+    """A saved-tensor hook that counts the bytes autograd saves, once per storage, leaving out the
+    inputs' storages (they are alive anyway)."""
+
+    def __init__(self, inputs: list[Tensor]):
+        self.storages = {_storage(t) for t in inputs}
+        self.nbytes = 0
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        storage = _storage(tensor)
+        if storage not in self.storages:
+            self.storages.add(storage)
+            self.nbytes += tensor.untyped_storage().nbytes()
+        return tensor
+
+
+def _storage(tensor: Tensor) -> tuple:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def _replay_backward(kept, grad_out: Tensor, inputs: list[Tensor], needs: list[bool]) -> list[Tensor]:
+    """The gradients in `needs` from the kept autograd graph: no dispatch runs again."""
+    out, leaves = kept
+    targets = [leaf for leaf, need in zip(leaves, needs) if need]
+    with torch._C._ForceDispatchKeyGuard(*chunk_bodies.ORDINARY_DISPATCH):
+        grads = torch.autograd.grad(out, targets, grad_out.to(out.dtype), allow_unused=True)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    return [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, wanted)]
+
+
+def _backward_loop(site, rows, whole, grad_out, needs, autocast_dtype, decision) -> list[Tensor]:
     body = _gradient_body(site.region, tuple(needs), site.row_count, autocast_dtype)
     inputs_all = rows + whole
     grads = [
@@ -141,7 +192,7 @@ def _backward_loop(site, rows, whole, grad_out, needs, autocast_dtype) -> list[T
     ]  # fmt: skip
     wanted = [i for i, need in enumerate(needs) if need]
     key = (site.key, "gradient", tuple(needs), autocast_dtype)
-    for start, length in _chunks(site, rows):
+    for start, length in _chunks(site, rows, decision):
         inputs = [grad_out.narrow(0, start, length)] + [r.narrow(0, start, length) for r in rows] + whole
         results = _run(site, key, body, inputs)
         for i, g in zip(wanted, results):
@@ -159,30 +210,57 @@ def _split(row_count: int, inputs: list[Tensor]) -> tuple[list[Tensor], list[Ten
 
 
 @torch.library.custom_op("mst::experts_forward", mutates_args=())
-def experts_forward(site: str, inputs: list[Tensor], row_count: int, autocast_dtype: torch.dtype | None) -> Tensor:
+def experts_forward(
+    site: str, inputs: list[Tensor], row_count: int, needs: list[bool], autocast_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(output, ticket): the ticket names the autograd graph kept for backward, when the budget
+    let this call keep it (`memory_budget.py`); 0 when the backward is to recompute."""
     rows, whole = _split(row_count, inputs)
-    return _forward_loop(_site(site), rows, whole, autocast_dtype)
+    experts = _site(site)
+    x = rows[0]
+
+    def run(decision):
+        if not decision.keep:
+            return _forward_loop(experts, rows, whole, autocast_dtype, decision), memory_budget.no_ticket()
+        out, kept, nbytes = _keeping_forward(experts, rows + whole, needs, autocast_dtype)
+        experts.keep_row = -(-nbytes // max(1, x.shape[0]))  # measured: what the next decisions read
+        return out, memory_budget.ledger(x.device).keep((kept, decision), nbytes)
+
+    keep_row = experts.keep_row if any(needs) else 0  # nothing to differentiate: nothing to keep
+    return experts.run_retreating(x, experts.decide(x, keep_row), run)
 
 
 @experts_forward.register_fake
-def _(site, inputs, row_count, autocast_dtype):
+def _(site, inputs, row_count, needs, autocast_dtype):
     experts = _site(site)
-    return inputs[0].new_empty((inputs[0].shape[0], *experts.out_tail), dtype=experts.out_dtype)
+    out = inputs[0].new_empty((inputs[0].shape[0], *experts.out_tail), dtype=experts.out_dtype)
+    return out, memory_budget.no_ticket()
 
 
 @torch.library.custom_op("mst::experts_backward", mutates_args=())
 def experts_backward(
-    site: str, inputs: list[Tensor], grad_out: Tensor, row_count: int, needs: list[bool],
+    site: str, inputs: list[Tensor], ticket: Tensor, grad_out: Tensor, row_count: int, needs: list[bool],
     autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
     rows, whole = _split(row_count, inputs)
     experts = _site(site)
+    grad_out = grad_out.contiguous()
     memory_budget.note_backward(experts.budget, grad_out.device)
-    return _backward_loop(experts, rows, whole, grad_out.contiguous(), needs, autocast_dtype)
+    stash = [memory_budget.ledger(grad_out.device).take(ticket)]  # (kept graph, decision), or None
+
+    def run(decision):
+        kept = stash.pop() if stash else None  # a lean retry drops the kept graph
+        if decision.keep and kept is not None:
+            return _replay_backward(kept[0], grad_out, rows + whole, needs)
+        del kept
+        return _backward_loop(experts, rows, whole, grad_out, needs, autocast_dtype, decision)
+
+    decision = stash[0][1] if stash[0] is not None else experts.decide(rows[0])
+    return experts.run_retreating(rows[0], decision, run)
 
 
 @experts_backward.register_fake
-def _(site, inputs, grad_out, row_count, needs, autocast_dtype):
+def _(site, inputs, ticket, grad_out, row_count, needs, autocast_dtype):
     return [torch.empty_like(t) for t, need in zip(inputs, needs) if need]
 
 
@@ -190,13 +268,17 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key: str, row_count: int, *inputs: Tensor) -> Tensor:
         ctx.key, ctx.row_count, ctx.autocast = key, row_count, _autocast_dtype(inputs[0])
-        ctx.save_for_backward(*inputs)
-        return torch.ops.mst.experts_forward(key, list(inputs), row_count, ctx.autocast)
+        needs = [bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[2:], inputs)]
+        out, ticket = torch.ops.mst.experts_forward(key, list(inputs), row_count, needs, ctx.autocast)
+        ctx.save_for_backward(ticket, *inputs)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         refuse_double_backward()
-        inputs = ctx.saved_tensors
+        ticket, *inputs = ctx.saved_tensors
         needs = [bool(n) and t.is_floating_point() for n, t in zip(ctx.needs_input_grad[2:], inputs)]
-        grads = iter(torch.ops.mst.experts_backward(ctx.key, list(inputs), grad_out, ctx.row_count, needs, ctx.autocast))
+        grads = iter(
+            torch.ops.mst.experts_backward(ctx.key, list(inputs), ticket, grad_out, ctx.row_count, needs, ctx.autocast)
+        )
         return None, None, *(next(grads) if need else None for need in needs)

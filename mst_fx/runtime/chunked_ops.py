@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +70,16 @@ def _runtime_version() -> str:
 
 _RUNTIME_VERSION = _runtime_version()
 
-# site key -> the module that describes it; the graph names a site by key (a string argument of
-# the custom op), so that the op stays a plain op that any compiler and cache can hold.
-_SITES: dict[str, _ChunkedSite] = {}
+# site key -> the live modules that describe it. The graph names a site by key (a string argument
+# of the custom op), so that the op stays a plain op that any compiler and cache can hold. The key
+# hashes the whole description, so every module of one key computes the same; the compiled graph
+# that calls a site holds its module (`mst_fx.dynamo_backend`), and once the last module of a key
+# is gone, so are the key and the bodies compiled for it.
+_SITES: dict[str, weakref.WeakSet] = {}
+_UNGROUPED = memory_budget.SiteGroup()  # sites built outside a compile (`mst_fx.explain`, tests)
 
 
-class _ChunkedSite(nn.Module):
+class ChunkedSite(nn.Module):
     """A site's description (`chunk`), its chunk policy, its memory budget and the compiler of its bodies."""
 
     # chunk x W tensors (W: the amplified width) one chunk holds at its largest: `memory_estimate`'s
@@ -89,14 +95,16 @@ class _ChunkedSite(nn.Module):
         self.fp32_accumulation = options.grad_accumulation == "fp32"
         fixed = self.policy.rows is not None or self.policy.count is not None
         self.budget = memory_budget.OFF if fixed else options.budget  # fixed chunking is not the budget's to change
+        self.group = getattr(options, "group", None) or _UNGROUPED
         self.kept_row_bytes: dict[tuple, int] = {}  # by the dtypes and shapes of x and params
 
     def register(self, *description) -> None:
         settings = (self.policy, self.compiler, self.fp32_accumulation, self.budget)
         text = repr((_RUNTIME_VERSION, type(self).__name__, self.in_width, self.amplified_width, *settings, *description))
         self.key = f"{type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
-        _SITES[self.key] = self
-        memory_budget.expect(self.budget, self.key, self.lean_chunk_bytes)
+        _SITES.setdefault(self.key, weakref.WeakSet()).add(self)
+        weakref.finalize(self, _forget, self.key)
+        self.group.add(self)
 
     def work_row_bytes(self, x: Tensor) -> int:
         """Bytes per row of one chunk's intermediates, at their largest."""
@@ -112,7 +120,26 @@ class _ChunkedSite(nn.Module):
     def decide(self, x: Tensor, keep_row: int = 0) -> memory_budget.Decision:
         """This call's decision (`memory_budget.py`); `keep_row`: bytes per row it would keep, 0 if it can't."""
         lean = self.lean_rows(x.shape[0], x.device.type)
-        return memory_budget.decide(self.budget, self.key, x, keep_row, self.work_row_bytes(x), lean, keep_row > 0)
+        return memory_budget.decide(
+            self.budget, self.group, self.key, x, keep_row, self.work_row_bytes(x), lean, keep_row > 0
+        )
+
+    def lean_decision(self, x: Tensor) -> memory_budget.Decision:
+        """The lean rule's chunks, whatever the budget: what a call retreats to (`run_retreating`)."""
+        return memory_budget.Decision(False, self.lean_rows(x.shape[0], x.device.type), None)
+
+    def run_retreating(self, x: Tensor, decision: memory_budget.Decision, run: Callable):
+        """`run(decision)`, or, when that runs out of memory under a budget, `run` again at the lean
+        rule once what the first call took is freed (`memory_budget.retreat`)."""
+        with memory_budget.site_call(self.budget, x.device):
+            try:
+                return run(decision)
+            except Exception as error:
+                if decision.budget is None or not memory_budget.out_of_memory(error):
+                    raise
+                memory_budget.retreat(x.device, decision, self.key, error)
+            # out of the handler: its traceback, and the failed call's tensors with it, are gone
+            return run(self.lean_decision(x))
 
     def chunks_of(self, x: Tensor, decision: memory_budget.Decision | None = None) -> list[tuple[int, int]]:
         decision = decision or self.decide(x)
@@ -123,8 +150,28 @@ class _ChunkedSite(nn.Module):
         raise NotImplementedError
 
 
-def _site(key: str) -> _ChunkedSite:
-    return _SITES[key]
+def _site(key: str) -> ChunkedSite:
+    for site in _SITES.get(key, ()):
+        return site
+    raise KeyError(f"mst: no live site {key}: the compiled graph that called it is gone")
+
+
+def _forget(key: str) -> None:
+    """A site of `key` is gone: with the last one go the key and the bodies compiled for it."""
+    if not any(True for _ in _SITES.get(key, ())):
+        _SITES.pop(key, None)
+        chunk_bodies.forget(key)
+
+
+def runtime_sites(options: SiteOptions) -> memory_budget.SiteGroup:
+    """Where sites made at run time for a compiled graph (the loss of its deferred logits) are
+    kept: its site group, so that they go with it; outside a compile, the ungrouped sites'."""
+    return getattr(options, "group", None) or _UNGROUPED
+
+
+def live_site_keys() -> set[str]:
+    """The keys of the sites alive now: those of compiled graphs still held, and of tests' own."""
+    return {key for key, sites in list(_SITES.items()) if any(True for _ in sites)}
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -132,7 +179,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def _probe(site: _ChunkedSite, x: Tensor, params, autocast_dtype, *extra) -> Tensor:
+def _probe(site: ChunkedSite, x: Tensor, params, autocast_dtype, *extra) -> Tensor:
     """The chunk's output on zero rows: its dtype and trailing shape, for the real op and the fake."""
     rows, extra = x.narrow(0, 0, 0), [e.narrow(0, 0, 0) for e in extra]
     with torch.no_grad(), chunk_bodies.autocast(x.device.type, autocast_dtype):
@@ -142,7 +189,7 @@ def _probe(site: _ChunkedSite, x: Tensor, params, autocast_dtype, *extra) -> Ten
 # ---------------------------------------------------------------- the loops
 
 
-def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, decision=None) -> Tensor:
+def _forward_loop(site: ChunkedSite, x: Tensor, params: list, autocast_dtype, decision=None) -> Tensor:
     probe = _probe(site, x, params, autocast_dtype)
     out = x.new_empty((x.shape[0], *probe.shape[1:]), dtype=probe.dtype)
     tensors, present = _present(params)
@@ -155,7 +202,7 @@ def _forward_loop(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, d
     return out
 
 
-def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype, decision):
+def _keeping_forward(site: ChunkedSite, x: Tensor, params: list, autocast_dtype, decision):
     """(output, {start: the intermediates of the piece at start}, where they go in the replay).
 
     The decision's pieces are one chunk when N is a power of two, else N's binary pieces (512 + 8
@@ -174,7 +221,7 @@ def _keeping_forward(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype
     return out, kept, layout
 
 
-def _kept_row_bytes(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype) -> int:
+def _kept_row_bytes(site: ChunkedSite, x: Tensor, params: list, autocast_dtype) -> int:
     """Bytes per row that keeping this site's intermediates costs (run once on zero rows per dtypes)."""
     tensors, present = _present(params)
     key = (x.dtype, autocast_dtype, tuple((t.dtype, tuple(t.shape)) for t in tensors))
@@ -186,17 +233,17 @@ def _kept_row_bytes(site: _ChunkedSite, x: Tensor, params: list, autocast_dtype)
     return site.kept_row_bytes[key]
 
 
-def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss, replay=None, chunks=None):
-    """(fp32 loss sum or None, grad_x or None, [gradient or None per param]) over all chunks.
-    `replay`: where the kept intermediates (the last of `extra_of`'s tensors) go, when the backward
-    replays them instead of recomputing; `chunks`: (start, length) pairs, else the site's decision."""
+def _gradient_loop(site, x, seed_of, params, extra_of, needs, autocast_dtype, with_loss, chunks, replay=None):
+    """(fp32 loss sum or None, grad_x or None, [gradient or None per param]) over `chunks`, the
+    (start, length) pairs. `replay`: where the kept intermediates (the last of `extra_of`'s tensors)
+    go, when the backward replays them instead of recomputing."""
     tensors, present = _present(params)
     body, layouts = chunk_bodies.gradient_body(site.chunk, present, needs, autocast_dtype, with_loss, replay)
     key = (site.key, "gradient", present, tuple(needs), autocast_dtype, replay)
     grad_x = torch.empty_like(x) if needs[0] else None
     accumulators = [_accumulator(p, site.fp32_accumulation) if need else None for p, need in zip(params, needs[1:])]
     loss = x.new_zeros((), dtype=torch.float32) if with_loss else None
-    for start, length in chunks or site.chunks_of(x):
+    for start, length in chunks:
         x_c, seed = x.narrow(0, start, length), seed_of(start, length)
         inputs = [x_c, seed, *tensors, *extra_of(start, length)]
         entry = chunk_bodies.compiled(key, body, layouts, inputs, site.compiler)
@@ -257,12 +304,15 @@ def mlp_forward(
     this call keep them (`memory_budget.py`); 0 when the backward is to recompute them."""
     mlp = _site(site)
     x, *params = _contiguous([x, *params])
-    decision = mlp.decide(x, _kept_row_bytes(mlp, x, params, autocast_dtype))
-    if not decision.keep:
-        return _forward_loop(mlp, x, params, autocast_dtype, decision), memory_budget.no_ticket()
-    out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype, decision)
-    nbytes = sum(t.numel() * t.element_size() for piece in kept.values() for t in piece)
-    return out, memory_budget.ledger(x.device).keep((positions, kept), nbytes)
+
+    def run(decision: memory_budget.Decision):
+        if not decision.keep:
+            return _forward_loop(mlp, x, params, autocast_dtype, decision), memory_budget.no_ticket()
+        out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype, decision)
+        nbytes = sum(t.numel() * t.element_size() for piece in kept.values() for t in piece)
+        return out, memory_budget.ledger(x.device).keep((positions, kept, decision), nbytes)
+
+    return mlp.run_retreating(x, mlp.decide(x, _kept_row_bytes(mlp, x, params, autocast_dtype)), run)
 
 
 @mlp_forward.register_fake
@@ -279,16 +329,23 @@ def mlp_backward(
     x, grad_out, *params = _contiguous([x, grad_out, *params])
     mlp = _site(site)
     memory_budget.note_backward(mlp.budget, x.device)
-    kept = memory_budget.ledger(x.device).take(ticket)
-    replay, chunks, extra_of = None, None, lambda s, n: ()
-    if kept is not None:  # the forward's pieces, replayed from what it kept: no recompute
-        replay, pieces = kept
-        chunks, extra_of = [(start, piece[0].shape[0]) for start, piece in pieces.items()], lambda s, n: pieces[s]
-    _, grad_x, grads = _gradient_loop(
-        mlp, x, lambda s, n: grad_out.narrow(0, s, n), params, extra_of, needs, autocast_dtype, False,
-        replay, chunks,
-    )  # fmt: skip
-    del kept
+    stash = [memory_budget.ledger(x.device).take(ticket)]  # (positions, pieces, decision), or None
+    seed_of = lambda s, n: grad_out.narrow(0, s, n)  # noqa: E731
+
+    def run(decision: memory_budget.Decision):
+        kept = stash.pop() if stash else None  # a lean retry drops what the forward kept
+        if decision.keep and kept is not None:  # the forward's pieces, replayed: no recompute
+            replay, pieces, _ = kept
+            chunks = [(start, piece[0].shape[0]) for start, piece in pieces.items()]
+            return _gradient_loop(
+                mlp, x, seed_of, params, lambda s, n: pieces[s], needs, autocast_dtype, False, chunks, replay
+            )
+        del kept
+        chunks = mlp.chunks_of(x, decision)
+        return _gradient_loop(mlp, x, seed_of, params, lambda s, n: (), needs, autocast_dtype, False, chunks)
+
+    decision = stash[0][2] if stash[0] is not None else mlp.decide(x)
+    _, grad_x, grads = mlp.run_retreating(x, decision, run)
     return [g for g in [grad_x, *grads] if g is not None]
 
 
@@ -312,9 +369,10 @@ def linear_cross_entropy(
     mean = head.form.reduction == "mean"
     # An all-ignored batch has all-zero gradients, as in PyTorch: clamp so 0 * (1 / 0) is not NaN.
     scale = 1.0 / counted.clamp(min=1).float() if mean else x.new_ones((), dtype=torch.float32)
-    total, grad_x, grads = _gradient_loop(
-        head, x, lambda s, n: scale, params, lambda s, n: [e.narrow(0, s, n) for e in extra], needs, autocast_dtype, True
-    )
+    extra_of = lambda s, n: [e.narrow(0, s, n) for e in extra]  # noqa: E731
+    total, grad_x, grads = head.run_retreating(x, head.decide(x), lambda decision: _gradient_loop(
+        head, x, lambda s, n: scale, params, extra_of, needs, autocast_dtype, True, head.chunks_of(x, decision)
+    ))  # fmt: skip
     loss = total / counted if mean else total
     dtype = _probe(head, x, params, autocast_dtype, *extra).dtype
     return [loss.to(dtype), *(g for g in [grad_x, *grads] if g is not None)]
@@ -409,7 +467,7 @@ class AdapterForm:
     output_dtype: torch.dtype | None  # the sum cast to this; None: left as it is
 
 
-class ChunkedMLP(_ChunkedSite):
+class ChunkedMLP(ChunkedSite):
     """down(act(gate(x)) [* up(x)]) chunk by chunk; backward recomputes one chunk at a time."""
 
     def __init__(self, form: MLPForm, activation: nn.Module, widths: tuple[int, int], options: SiteOptions):
@@ -481,7 +539,7 @@ def head_logits(linear, x, params, form: CrossEntropyForm):
     return adapted_linear(linear, x, params, (0, 1, 2, 3), form.transposed, form.adapter)
 
 
-class ChunkedLinearCrossEntropy(_ChunkedSite):
+class ChunkedLinearCrossEntropy(ChunkedSite):
     """The LM head and its cross-entropy chunk by chunk; the N x V logits never exist."""
 
     WORK_TENSORS = 3  # a chunk's logits, their fp32 log-softmax and their gradient

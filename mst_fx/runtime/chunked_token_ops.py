@@ -38,7 +38,7 @@ from .chunked_ops import (
     ChunkedLinearCrossEntropy,
     CrossEntropyForm,
     _autocast_dtype,
-    _ChunkedSite,
+    ChunkedSite,
     _contiguous,
     _gradient_loop,
     _present,
@@ -50,7 +50,7 @@ from .chunked_ops import (
 from .site_options import SiteOptions
 
 
-class ChunkedLinearRows(_ChunkedSite):
+class ChunkedLinearRows(ChunkedSite):
     """The head and a row-wise function of its logits, chunk by chunk; the N x V logits never exist.
 
     `row_function`: (logits rows (c, V), *token inputs (c, ...), *whole inputs) -> per-token outputs,
@@ -72,8 +72,10 @@ class ChunkedLinearRows(_ChunkedSite):
         self.form, self.row_function, self.differentiable = form, row_function, differentiable
         self.token_specs, self.whole_specs, self.output_leads = token_specs, whole_specs, output_leads
         self.register(form, differentiable, token_specs, whole_specs, row_function.code)
-        # The backward's site, by key: a reference to it would make a cycle that compile caches can't pickle.
-        self.gradient_key = _DifferentiableRows(self.key, widths, options).key
+        # The backward's site, found by key; held here in a tuple, not as a submodule (the registry
+        # holds sites weakly), since a submodule would make a cycle that compile caches can't pickle.
+        self._gradient_site = (_DifferentiableRows(self.key, widths, options),)
+        self.gradient_key = self._gradient_site[0].key
 
     def forward(self, x: Tensor, params: list, token_inputs: list, whole_inputs: list) -> tuple[Tensor, ...]:
         lead = x.shape[:-1]
@@ -89,7 +91,7 @@ class ChunkedLinearRows(_ChunkedSite):
         return f"{self.policy.describe()}, {self.form}, differentiable={self.differentiable}"
 
 
-class ChunkedLinearRowLoss(_ChunkedSite):
+class ChunkedLinearRowLoss(ChunkedSite):
     """The head, a row-wise function of its logits to one value per token, and the sum (or mean)
     of those values over every token: a scalar loss, with its gradients computed in forward.
 
@@ -137,7 +139,7 @@ def _flat(tensor: Tensor, lead, tail) -> Tensor:
     return tensor.expand(*lead, *tail).reshape(-1, *tail)
 
 
-class _DifferentiableRows(_ChunkedSite):
+class _DifferentiableRows(ChunkedSite):
     """What the backward recomputes: the differentiable outputs, flattened and joined, (c, k) fp32."""
 
     WORK_TENSORS, WORK_ITEMSIZE = ChunkedLinearRows.WORK_TENSORS, ChunkedLinearRows.WORK_ITEMSIZE
@@ -178,12 +180,16 @@ def linear_rows_forward(
     tensors, present = _present(params)
     body = chunk_bodies.forward_body(head.chunk, present, autocast_dtype)
     inputs_of = _narrowed(tokens, wholes)
-    for start, length in head.chunks_of(x):
-        inputs = [x.narrow(0, start, length), *tensors, *inputs_of(start, length)]
-        entry = chunk_bodies.compiled((site, "forward", present, autocast_dtype), body, None, inputs, head.compiler)
-        for out, out_c in zip(outs, chunk_bodies.run(entry, inputs)):
-            out.narrow(0, start, length).copy_(out_c)
-    return outs
+
+    def run(decision):
+        for start, length in head.chunks_of(x, decision):
+            inputs = [x.narrow(0, start, length), *tensors, *inputs_of(start, length)]
+            entry = chunk_bodies.compiled((site, "forward", present, autocast_dtype), body, None, inputs, head.compiler)
+            for out, out_c in zip(outs, chunk_bodies.run(entry, inputs)):
+                out.narrow(0, start, length).copy_(out_c)
+        return outs
+
+    return head.run_retreating(x, head.decide(x), run)
 
 
 @linear_rows_forward.register_fake
@@ -204,7 +210,9 @@ def linear_rows_backward(
     x, grad_rows, *params = _contiguous([x, grad_rows, *params])
     inputs_of = _narrowed(_contiguous(token_inputs), _contiguous(whole_inputs))
     seed_of = lambda start, length: grad_rows.narrow(0, start, length)  # noqa: E731
-    _, grad_x, grads = _gradient_loop(head, x, seed_of, params, inputs_of, needs, autocast_dtype, False)
+    _, grad_x, grads = head.run_retreating(x, head.decide(x), lambda decision: _gradient_loop(
+        head, x, seed_of, params, inputs_of, needs, autocast_dtype, False, head.chunks_of(x, decision)
+    ))  # fmt: skip
     return [g for g in [grad_x, *grads] if g is not None]
 
 
@@ -255,7 +263,10 @@ def linear_row_loss(
     probe = _probe_loss(head, x, params, tokens, wholes, autocast_dtype)
     count = x.shape[0] * probe.numel() if head.mean else 1  # the mean's denominator: every value of every token
     scale = x.new_full((), 1.0 / max(count, 1), dtype=torch.float32)
-    total, grad_x, grads = _gradient_loop(head, x, lambda s, n: scale, params, _narrowed(tokens, wholes), needs, autocast_dtype, True)
+    inputs_of = _narrowed(tokens, wholes)
+    total, grad_x, grads = head.run_retreating(x, head.decide(x), lambda decision: _gradient_loop(
+        head, x, lambda s, n: scale, params, inputs_of, needs, autocast_dtype, True, head.chunks_of(x, decision)
+    ))  # fmt: skip
     loss = total / count if head.mean else total
     return [loss.to(probe.dtype), *(g for g in [grad_x, *grads] if g is not None)]
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .chunk_bodies import autocast
+from .chunked_ops import runtime_sites
 from .chunked_token_ops import ChunkedLinearRows
 
 _NORMALIZERS = {torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax, F.softmax, F.log_softmax}
@@ -43,8 +44,6 @@ _REDUCTIONS = {
     torch.sum: 1, Tensor.sum: 1, torch.mean: 1, Tensor.mean: 1, torch.logsumexp: 1, Tensor.logsumexp: 1,
     torch.amax: 1, Tensor.amax: 1, torch.argmax: 1, Tensor.argmax: 1, torch.gather: 1, Tensor.gather: 1,
 }  # fmt: skip
-
-_SITES: dict[tuple, ChunkedLinearRows] = {}
 
 
 def _last_dim(dim, ndim: int) -> bool:
@@ -129,15 +128,16 @@ def _reduce(deferred, func, index: Tensor | None, options: dict) -> Tensor:
     row_function = _row_function(head.transform, _name(func), index is not None, options)
     differentiable = _name(func) != "argmax"
     token_specs = (("model", (1,)),) if index is not None else ()
-    key = (row_function.code, differentiable, token_specs, head.transposed, head.adapter, head.options, deferred.rows.shape[-1], head.vocab)
-    if key not in _SITES:
-        form = head.form("none", -100, 0.0)
-        _SITES[key] = ChunkedLinearRows(
-            form, row_function, (differentiable,), token_specs, (), ("model",), (deferred.rows.shape[-1], head.vocab), head.options
-        )  # fmt: skip
+    width = deferred.rows.shape[-1]
+    key = ("rows", row_function.code, differentiable, token_specs, head.transposed, head.adapter, head.options, width, head.vocab)
+    make = lambda: ChunkedLinearRows(  # noqa: E731
+        head.form("none", -100, 0.0), row_function, (differentiable,), token_specs, (), ("model",), (width, head.vocab),
+        head.options,
+    )  # fmt: skip
+    site = runtime_sites(head.options).made(key, make)
     params = list(head.params)
     with autocast(deferred.rows.device.type, head.autocast_dtype):
-        (out,) = _SITES[key](deferred.rows, params, [] if index is None else [index], [])
+        (out,) = site(deferred.rows, params, [] if index is None else [index], [])
     return out
 
 

@@ -11,8 +11,8 @@ Per call, with `held` the bytes that sites have kept and not yet released (on th
 every site and every forward since their backward), a site of N tokens decides:
 
     keep      when  held + N·keep_row + max(N·work_row, reserve) <= budget
-              one chunk, its intermediates kept for backward: no recompute (MLP sites only; the
-              LM head computes its gradients in forward and never recomputes anyway)
+              one chunk, its intermediates kept for backward: no recompute (MLPs and routed
+              experts; the LM head computes its gradients in forward and never recomputes anyway)
     one chunk when  held + N·work_row <= budget
               (one chunk: N itself when a power of two, else N's binary pieces, 512 + 8 for 520,
               so that bodies compiled per power of two serve every length)
@@ -22,7 +22,7 @@ every site and every forward since their backward), a site of N tokens decides:
 
 `reserve` is what makes a greedy choice safe across the sites of a step. Kept intermediates add up
 until backward frees them, and the forward decides early layers before it sees late ones. A site
-may keep only what leaves every other site of its budget room for one chunk at today's lean rule
+may keep only what leaves every other site of its group room for one chunk at today's lean rule
 (`ChunkPolicy.rows_for`, the aspect-ratio rule) at the same length: `reserve` is the largest such
 chunk. So keeping never pushes a later site finer than mst would chunk it without a budget, and
 never over the budget: each later call checks `held + its chunk <= budget` against the `held` that
@@ -38,23 +38,52 @@ ticket dies first (no backward: an evaluation forward with grad on, a checkpoint
 forward), a finalizer releases them. A ticket without its stash (id 0, or already taken) means
 recompute: the op is correct either way, only slower.
 
-`"auto"` (the default) is the memory the device has for this process, less what the process holds
-apart from the sites' keeps. At a site's first call it reads what the device has: free memory (CUDA
-`mem_get_info`; on CPU the kernel's `MemAvailable`) plus what the process holds already (CUDA's
-cached blocks; on CPU its resident size). At every call it samples what the process holds then
-(CUDA `memory_allocated`, CPU resident size), less the sites' keeps, and keeps the largest sample:
-the weights, gradients, optimizer state and activations outside the sites at their most. The
-budget is 90% of what the device has, less that largest sample. The 10% margin is for what the
-samples miss: the allocator's fragmentation and a peak between two sites' calls (an attention
-backward, the optimizer's step). Until a backward has run, the budget is unknown and every site
-runs lean: the first step is the lean step, and it is measured. So a step that is short of memory
-finds a small or zero budget and runs as lean as mst without one; a short step on a roomy device
-keeps everything. A step longer than any measured before is planned from the largest sample so
-far, which grows with it only as its own calls are sampled.
+`"auto"` (the default) is the memory this process may still take, read again at every call, less
+what the process holds apart from the sites' keeps at its most:
+
+    budget = (1 - AUTO_MARGIN) x (free + in_use) - base
+
+`free` is what the limits that apply to this process still allow (`device_memory.py`): on CPU the
+smallest of the kernel's MemAvailable and every memory cgroup the process is in (a container's
+limit); on CUDA the device's free memory and the allocator's per-process fraction. `in_use` is what
+the process holds now (CUDA `memory_allocated`, CPU resident size), so `free + in_use` is all it may
+have. `base` is the most the process has held apart from the sites' keeps: the weights, gradients,
+optimizer state and activations outside the sites at their most. It is sampled when each site call
+begins (`in_use - held`) and, from the device's peak mark (CUDA `max_memory_allocated`, CPU
+VmHWM), between two calls: `held` changes only inside a site call, so a peak reached after one call
+ended and before the next began (an attention backward, the optimizer's step) is the process's
+own, at that `held`. The 10% margin is for the allocator's fragmentation and what the marks miss
+(a peak that the process's own measuring reset).
+
+Because `free` is read at every call, memory that other processes take (another job, a co-located
+inference engine, data-loader workers) or that is taken outside PyTorch's allocator (NCCL's
+buffers) shrinks the budget from the next call on, and a keep never takes more than is free at
+that moment: `held + needs <= budget` implies `needs <= 0.9 x free`, since `base >= in_use - held`.
+
+A call whose length is longer than any that a backward has followed runs lean: its step is the one
+that measures `base` at that length. So the first step runs lean, as does the first step of a
+longer sequence; a step that is short of memory finds a small or zero budget and runs as lean as
+mst without one.
+
+When a site's own allocation fails anyway (CUDA's `OutOfMemoryError`, or the CPU allocator's
+"can't allocate memory" under an address-space limit), the site frees what the call took and runs
+the call again at the lean rule (`retreat`), and the device's budget is capped at half of what that
+call had reached (held + its needs), with one WARNING. The lean call needs less than the failed
+one, so it runs where "off" runs. An allocation that fails outside a site (after the sites took
+their share) can't be caught here: the margin and the peak marks are what keep that from
+happening. A cgroup's kernel kills the process instead of failing an allocation, so on CPU inside a
+container the reading of the limit is what protects the step.
+
+Sites reserve room for each other within their **group**: the sites of one compiled graph, and the
+sites made at run time for the logits it returns (`SiteGroup`). A group lives as long as its
+compiled graph: the registry of sites and their compiled bodies holds them weakly, so what was
+built for a graph goes with it (`torch._dynamo.reset()`, or Dynamo dropping the graph), and one
+graph's sites never shrink another's keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -65,12 +94,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import device_memory
+
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 16  # the finest chunking a budget can ask for
 AUTO = "auto"
 OFF = "off"
-AUTO_MARGIN = 0.1  # of what "auto" finds: fragmentation, and peaks between two sites' calls
+AUTO_MARGIN = 0.1  # of what "auto" finds: fragmentation, and peaks the marks miss
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -91,51 +122,46 @@ def parse_budget(value) -> int | str:
     raise ValueError(f"mst option 'memory_budget' must be {allowed}, got {value!r}")
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory free on `device` now: CUDA's free memory, or the RAM the kernel says is available."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def in_use_bytes(device: torch.device) -> int:
-    """Memory this process holds on `device` now: CUDA's allocated tensors, or the resident size."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    import os
-
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# ---------------------------------------------------------------- "auto"
 
 
 class _Auto:
-    """`"auto"` on one device (see the module docstring): the sites may hold what the device has
-    for this process, less a margin, less the most the process has held apart from them."""
+    """`"auto"` on one device (see the module docstring): what the limits still allow plus what the
+    process holds, less a margin, less the most the process has held apart from the sites' keeps."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        in_use = in_use_bytes(device)
-        cached = torch.cuda.memory_reserved(device) if device.type == "cuda" else in_use
-        self.capacity = free_bytes(device) + cached
-        self.base = in_use
-        self.learned = False  # a backward has run: one step's forward has been measured
+        self.base = device_memory.in_use(device)
+        self.mark = device_memory.peak(device)  # the peak mark when the last site call ended
+        self.measured = 0  # the longest call that a backward has followed: its step was measured
+        self.unmeasured = 0  # the longest call since, run lean to be measured
+        self.last: tuple[int, device_memory.Headroom] | None = None  # the last budget, and what it read
 
-    def sample(self, held: int) -> None:
-        self.base = max(self.base, in_use_bytes(self.device) - held)
+    def call_begins(self, held: int) -> None:
+        self.base = max(self.base, device_memory.in_use(self.device) - held)
+        mark = device_memory.peak(self.device)
+        if mark != self.mark:  # a new peak between two calls (or a reset mark): the process's own
+            self.base = max(self.base, mark - held)
+        self.mark = mark
 
-    def budget(self, held: int) -> int | None:
-        """Bytes, or None while the first step runs lean and is measured."""
-        self.sample(held)
-        return max(0, int(self.capacity * (1 - AUTO_MARGIN)) - self.base) if self.learned else None
+    def call_ends(self) -> None:
+        self.mark = device_memory.peak(self.device)
+
+    def budget(self, held: int, tokens: int) -> int | None:
+        """Bytes, or None while a call of this length runs lean to be measured."""
+        self.call_begins(held)
+        if tokens > self.measured:
+            self.unmeasured = max(self.unmeasured, tokens)
+            return None
+        room = device_memory.headroom(self.device)
+        capacity = room.free + device_memory.in_use(self.device)
+        budget = max(0, int(capacity * (1 - AUTO_MARGIN)) - self.base)
+        self.last = (budget, room)
+        return budget
+
+    def backward_begins(self, held: int) -> None:
+        self.call_begins(held)
+        self.measured = max(self.measured, self.unmeasured)
 
 
 _AUTO: dict[str, _Auto] = {}
@@ -145,35 +171,51 @@ def auto(device: torch.device) -> _Auto:
     name = str(device)
     if name not in _AUTO:
         _AUTO[name] = _Auto(device)
-        log.info("mst: memory_budget='auto' on %s: %d bytes for this process", name, _AUTO[name].capacity)
+        room = device_memory.headroom(device)
+        log.info("mst: memory_budget='auto' on %s reads %s: %s free now", name, room.source, device_memory.describe(room.free))
     return _AUTO[name]
 
 
-def preview(setting: int | str, device: torch.device) -> int | None:
-    """The budget a call would be given now, for a report: "auto" as it would be once learned,
-    from the memory in use at this moment (nothing is recorded)."""
+def preview(setting: int | str, device: torch.device) -> tuple[int | None, str]:
+    """The budget a call would be given now, and what it was read from, for a report: "auto" as
+    it would be once measured, from the memory in use at this moment (nothing is recorded)."""
     if setting == OFF:
-        return None
+        return None, "off"
     if setting != AUTO:
-        return setting
-    in_use = in_use_bytes(device)
-    cached = torch.cuda.memory_reserved(device) if device.type == "cuda" else in_use
-    return max(0, int((free_bytes(device) + cached) * (1 - AUTO_MARGIN)) - in_use)
+        return _capped(device, setting), "memory_budget"
+    room, in_use = device_memory.headroom(device), device_memory.in_use(device)
+    budget = max(0, int((room.free + in_use) * (1 - AUTO_MARGIN)) - in_use)
+    return _capped(device, budget), f"auto: {room.source}"
 
 
 def note_backward(setting: int | str, device: torch.device) -> None:
-    """A site's backward begins: "auto" measures the memory in use, and has seen a forward whole."""
+    """A site's backward begins: "auto" samples, and has now seen a step's forward whole."""
     if setting == AUTO:
-        budget = auto(device)
-        budget.sample(ledger(device).held)
-        budget.learned = True
+        auto(device).backward_begins(ledger(device).held)
 
 
-def resolve(setting: int | str, device: torch.device, held: int = 0) -> int | None:
-    """The budget in bytes; None when off, or while "auto" is learning."""
+def resolve(setting: int | str, device: torch.device, held: int = 0, tokens: int = 0) -> int | None:
+    """The budget in bytes; None when off, or while "auto" measures a call of this length."""
     if setting == OFF:
         return None
-    return auto(device).budget(held) if setting == AUTO else setting
+    budget = auto(device).budget(held, tokens) if setting == AUTO else setting
+    return None if budget is None else _capped(device, budget)
+
+
+def _capped(device: torch.device, budget: int) -> int:
+    ceiling = ledger(device).ceiling
+    return budget if ceiling is None else min(budget, ceiling)
+
+
+@contextlib.contextmanager
+def site_call(setting: int | str, device: torch.device):
+    """Around a site op's work: under "auto", the peak mark is read when it ends, so that the
+    call's own chunks are never taken for the process's memory outside the sites."""
+    try:
+        yield
+    finally:
+        if setting == AUTO and str(device) in _AUTO:
+            _AUTO[str(device)].call_ends()
 
 
 # ---------------------------------------------------------------- the decision
@@ -218,30 +260,49 @@ def choose(
 
 # ---------------------------------------------------------------- what sites expect of each other
 
-# budget setting -> site key -> bytes of that site's lean chunk at a length, on a device type
-_LEAN_CHUNKS: dict[int | str, dict[str, Callable[[int, str], int]]] = {}
 
+class SiteGroup:
+    """The sites of one compiled graph, and those made at run time for the logits it returns.
 
-def expect(setting: int | str, key: str, lean_chunk: Callable[[int, str], int]) -> None:
-    """Register a site built under `setting`, and the bytes its chunk takes at the lean rule."""
-    if setting != OFF:
-        _LEAN_CHUNKS.setdefault(setting, {})[key] = lean_chunk
+    A site reserves room for the lean chunk of every other site of its group (the module docstring).
+    The group holds its graph's sites weakly (the compiled graph holds them) and the sites made for
+    it at run time strongly, by description (`made`): they go when the graph's sites do."""
 
+    def __init__(self) -> None:
+        self._sites: weakref.WeakSet = weakref.WeakSet()
+        self._made: dict[tuple, object] = {}
 
-def reserve(setting: int | str, tokens: int, device_type: str, excluding: str) -> int:
-    """The largest lean chunk of any other site under the same budget (see the module docstring)."""
-    others = (f for key, f in _LEAN_CHUNKS.get(setting, {}).items() if key != excluding)
-    return max((f(tokens, device_type) for f in others), default=0)
+    def add(self, site) -> None:
+        """`site`: has `key`, `budget` and `lean_chunk_bytes(tokens, device_type)`."""
+        self._sites.add(site)
+
+    def made(self, description: tuple, make: Callable[[], object]):
+        """The site made at run time for `description`, made once per group."""
+        if description not in self._made:
+            self._made[description] = make()
+        return self._made[description]
+
+    def __reduce__(self):
+        """Compile caches pickle the graph, sites included, for their keys: a group is no part of
+        what a graph computes, and pickles as an empty one (its sets hold cycles)."""
+        return SiteGroup, ()
+
+    def reserve(self, setting: int | str, tokens: int, device_type: str, excluding: str) -> int:
+        """The largest lean chunk of any other site of the group under the same budget setting."""
+        others = [s for s in list(self._sites) if s.key != excluding and s.budget == setting]
+        return max((s.lean_chunk_bytes(tokens, device_type) for s in others), default=0)
 
 
 # ---------------------------------------------------------------- kept intermediates
 
 
 class _Ledger:
-    """The bytes sites keep on one device, and the kept tensors behind their tickets."""
+    """The bytes sites keep on one device, the kept tensors behind their tickets, and the ceiling
+    a failed allocation put on the budget (`retreat`)."""
 
     def __init__(self) -> None:
         self.held = 0
+        self.ceiling: int | None = None
         self._kept: dict[int, tuple[object, int]] = {}
 
     def keep(self, kept: object, nbytes: int) -> Tensor:
@@ -284,15 +345,17 @@ _warned_over_budget: set = set()
 
 
 def decide(
-    setting: int | str, key: str, x: Tensor, keep_row: int, work_row: int, lean_rows: int, can_keep: bool
-) -> Decision:
+    setting: int | str, group: SiteGroup, key: str, x: Tensor, keep_row: int, work_row: int, lean_rows: int,
+    can_keep: bool,
+) -> Decision:  # fmt: skip
     """The decision for one call of site `key` on the rows `x` (N x d)."""
     held = ledger(x.device).held
-    budget = resolve(setting, x.device, held)
+    tokens = x.shape[0]
+    budget = resolve(setting, x.device, held, tokens)
     if budget is None:
         return Decision(False, lean_rows, None)
-    tokens = x.shape[0]
-    decision = choose(tokens, budget, held, reserve(setting, tokens, x.device.type, key), keep_row, work_row, can_keep)
+    reserve = group.reserve(setting, tokens, x.device.type, key)
+    decision = choose(tokens, budget, held, reserve, keep_row, work_row, can_keep)
     if not decision.fits and setting not in _warned_over_budget:
         _warned_over_budget.add(setting)
         log.warning(
@@ -302,3 +365,30 @@ def decide(
             budget, tokens, decision.needs, decision.rows, held, held + decision.needs - budget, decision.rows,
         )  # fmt: skip
     return decision
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """The allocator could not give what a call asked for: CUDA's OutOfMemoryError, or the CPU
+    allocator's failure (an address-space limit, overcommit off)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+_warned_retreat: set[str] = set()
+
+
+def retreat(device: torch.device, decision: Decision, key: str, error: BaseException) -> None:
+    """A call that ran under `decision` failed to allocate: cap the device's budget at half of
+    what the call had reached, and say so once. The caller frees what the call took and runs it
+    again at the lean rule."""
+    book = ledger(device)
+    reached = decision.held + decision.needs
+    book.ceiling = reached // 2 if book.ceiling is None else min(book.ceiling, reached // 2)
+    if str(device) not in _warned_retreat:
+        _warned_retreat.add(str(device))
+        log.warning(
+            "mst: %s ran out of memory on %s under memory_budget (%s: %s); it ran that call at the lean "
+            "rule instead, and the budget on %s is capped at %d bytes from now on",
+            key.split("-")[0], device, type(error).__name__, str(error).splitlines()[0][:200], device, book.ceiling,
+        )  # fmt: skip

@@ -22,15 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from .chunked_ops import CrossEntropyForm
+from .chunked_ops import CrossEntropyForm, runtime_sites
 from .chunked_token_ops import ChunkedLinearRows
 from .dropped_logits import READABLE
 from .site_options import SiteOptions
 
 log = logging.getLogger(__name__)
-
-_SITES: dict[tuple, ChunkedLinearRows] = {}
-
 
 def per_token_cross_entropy(
     rows: Tensor, params: list[Tensor | None], target: Tensor, form: CrossEntropyForm, transform: fx.GraphModule,
@@ -40,12 +37,15 @@ def per_token_cross_entropy(
     with reduction="none" gives them (0 at ignored targets). `params`: the head's weight and bias,
     then its adapter's A and B (None when it has none), as `chunked_ops.head_logits` reads them."""
     vocab = params[0].shape[1 if form.transposed else 0]
-    key = (form, transform.code, rows.shape[-1], vocab, options)
-    if key not in _SITES:  # one site per description, reused every step
+    key = ("per-token cross_entropy", form, transform.code, rows.shape[-1], vocab, options)
+
+    def make() -> ChunkedLinearRows:
         row_function = _cross_entropy_of_rows(transform, form)
         widths = (rows.shape[-1], vocab)
-        _SITES[key] = ChunkedLinearRows(form, row_function, (True,), (("model", ()),), (), ("model",), widths, options)
-    (losses,) = _SITES[key](rows, list(params), [target], [])
+        return ChunkedLinearRows(form, row_function, (True,), (("model", ()),), (), ("model",), widths, options)
+
+    site = runtime_sites(options).made(key, make)  # one site per description and graph, reused every step
+    (losses,) = site(rows, list(params), [target], [])
     return losses
 
 

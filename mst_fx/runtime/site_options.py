@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .chunk_plan import ChunkPolicy
+from .memory_budget import SiteGroup
 
 
 class SiteOptions(Protocol):
@@ -27,3 +28,7 @@ class SiteOptions(Protocol):
     @property
     def budget(self) -> int | str:
         """The memory budget's setting (`memory_budget.py`): bytes, "auto" or "off"."""
+
+    @property
+    def group(self) -> SiteGroup | None:
+        """The sites of the compiled graph a site is built for (`memory_budget.SiteGroup`), or None."""

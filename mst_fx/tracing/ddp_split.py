@@ -91,10 +91,10 @@ def sites_as_calls(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with each site's `call_module` node made a `call_function` of `call_site` on its
     arguments flattened: the optimizer counts the parameters a call_function node takes directly,
     and those of a called module's own (a site owns none: its weights are arguments)."""
-    from mst_fx.runtime.chunked_ops import _ChunkedSite
+    from mst_fx.runtime.chunked_ops import ChunkedSite
 
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _ChunkedSite):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ChunkedSite):
             continue
         site = gm.get_submodule(node.target)
         layout = tuple(len(a) if isinstance(a, (list, tuple)) else -1 for a in node.args)
