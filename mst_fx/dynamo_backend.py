@@ -96,17 +96,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs, options: MstOptions, mode=
         report = report.undone(f"the compiler rejected the rewritten graph ({type(error).__name__})")
     record_report(report)
     _warn_once_if_logits_dropped(rewritten, report)
-    return _holding(sites if rewritten is not gm else [], _counting_blocks(compiled, example_inputs, report))
+    sites = sites if rewritten is not gm else []
+    return _holding(sites, options.group, _counting_blocks(compiled, example_inputs, report))
 
 
-def _holding(sites: list, compiled):
-    """`compiled`, holding the sites its graph calls by key: the runtime's registry holds them
-    weakly, so they live as long as this compiled graph (until Dynamo drops it)."""
+def _holding(sites: list, group: memory_budget.SiteGroup, compiled):
+    """`compiled`, holding the sites its graph calls by key (the runtime's registry holds them
+    weakly, so they live as long as this compiled graph, until Dynamo drops it), and saying while
+    it runs that their calls reserve room within its group (`memory_budget.SiteGroup`)."""
     if not sites:
         return compiled
 
     def call(*args):
-        return compiled(*args)
+        with memory_budget.running(group):
+            return compiled(*args)
 
     call.mst_sites = sites
     return call

@@ -21,8 +21,7 @@ from mst_fx.runtime.chunked_token_ops import ChunkedLinearRows
 from .report import SiteReport
 
 # Per kind: the runtime's site class (what one chunk holds: `WORK_TENSORS` of `WORK_ITEMSIZE` bytes,
-# None for the input's), and the N x W tensors a kept site holds (gate and up, or fc's output; routed
-# experts keep their autograd graph, `SiteReport.kept_row_bytes` per token)
+# None for the input's), and the N x W tensors a kept MLP holds (gate and up, or fc's output)
 _SITES = {
     "mlp gated": (ChunkedMLP, 2),
     "mlp fused": (ChunkedMLP, 2),
@@ -31,7 +30,16 @@ _SITES = {
     "lm_head per-token": (ChunkedLinearRows, 0),
     "moe experts": (ChunkedExperts, 0),
 }
-KEPT_TENSORS = {kind: keep for kind, (_, keep) in _SITES.items() if keep}  # what the memory estimate counts
+
+
+def kept_row_bytes(site: SiteReport) -> int:
+    """Bytes per token a site keeps when the budget lets it: an MLP's N x W tensors, routed experts'
+    autograd graph (the pass's bound), a per-token head's as the runtime plans it before measuring."""
+    if site.kind == "moe experts":
+        return site.kept_row_bytes or 0
+    if site.kind == "lm_head per-token":
+        return ChunkedLinearRows.KEPT_TENSORS * site.amplified_width * ChunkedLinearRows.WORK_ITEMSIZE
+    return _SITES.get(site.kind, (None, 0))[1] * site.amplified_width * site.itemsize
 
 
 def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.device) -> None:
@@ -60,10 +68,9 @@ def plan_budget(sites: list[SiteReport], setting: int | str, device: torch.devic
 
 
 def _row_bytes(site: SiteReport) -> tuple[int, int]:
-    site_class, keep = _SITES[site.kind]
+    site_class = _SITES[site.kind][0]
     itemsize = site_class.WORK_ITEMSIZE or site.itemsize
-    keep_row = site.kept_row_bytes or 0 if site.kind == "moe experts" else keep * site.amplified_width * site.itemsize
-    return keep_row, site_class.WORK_TENSORS * site.amplified_width * itemsize
+    return kept_row_bytes(site), site_class.WORK_TENSORS * site.amplified_width * itemsize
 
 
 def _lean_chunk_bytes(site: SiteReport) -> int:

@@ -21,6 +21,23 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def decisions(monkeypatch):
+    """(site kind, tokens, Decision) of every decision the memory budget makes (`memory_budget.decide`)."""
+    from mst_fx.runtime import memory_budget
+
+    made = []
+    decide = memory_budget.decide
+
+    def recorded(setting, group, key, x, *rest):
+        decision = decide(setting, group, key, x, *rest)
+        made.append((key.split("-")[0], x.shape[0], decision))
+        return decision
+
+    monkeypatch.setattr(memory_budget, "decide", recorded)
+    return made
+
+
 def assert_parity(
     model, call, inputs, rtol=1e-5, atol=1e-6, compile_kwargs=None, autocast=None, scaled_tol=None, **options
 ):

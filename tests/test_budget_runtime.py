@@ -16,23 +16,16 @@ from test_memory_budget import HEAD_WORK_ROW, LEAN_ROWS, _batch, _keep_threshold
 from test_moe_experts import loss_and_aux, mixtral, qwen3_moe
 
 import mst_fx
-from mst_fx.runtime import chunk_bodies, chunked_experts, chunked_ops, device_memory, memory_budget
+from mst_fx.runtime import (
+    chunk_bodies,
+    chunked_experts,
+    chunked_ops,
+    chunked_token_ops,
+    device_memory,
+    kept_graphs,
+    memory_budget,
+)
 from mst_fx.runtime.device_memory import Headroom
-
-
-@pytest.fixture
-def decisions(monkeypatch):
-    """(site kind, tokens, Decision) of every decision the runtime makes."""
-    made = []
-    decide = memory_budget.decide
-
-    def recorded(setting, group, key, x, *rest):
-        decision = decide(setting, group, key, x, *rest)
-        made.append((key.split("-")[0], x.shape[0], decision))
-        return decision
-
-    monkeypatch.setattr(memory_budget, "decide", recorded)
-    return made
 
 
 @pytest.fixture
@@ -104,6 +97,28 @@ def _moe_batch():
     return _batch(600)[0].remainder(512), _batch(600, seed=2)[0].remainder(512)  # 600 tokens: over one lean chunk
 
 
+# ---------------------------------------------------------------- per-token heads keep
+
+
+@pytest.mark.parametrize("loss_name", ["grpo", "dpo", "entropy_logged"])
+def test_per_token_heads_keep_with_parity_and_no_recompute(decisions, monkeypatch, loss_name):
+    """GRPO's log-probs, DPO's gather - logsumexp, and values computed without grad beside them:
+    kept as one autograd graph over every token, the backward runs no head matmul again."""
+    import test_token_heads as heads
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a kept per-token head recomputed its chunks")
+
+    monkeypatch.setattr(chunked_token_ops, "_gradient_loop", no_recompute)
+    torch.manual_seed(0)
+    inputs = heads.batch(length=100)  # 4 x 99 tokens: over one lean chunk, so the head is rewritten
+    both = heads.run_both(getattr(heads, loss_name), heads.TinyLM(), inputs, chunk_size="auto", memory_budget="1GiB")
+    heads.assert_same_step(*both)
+    rows = _kinds(decisions, "ChunkedLinearRows")
+    assert rows and all(d.keep for d in rows)
+    assert memory_budget.ledger(torch.device("cpu")).held == 0
+
+
 # ---------------------------------------------------------------- a keep that runs out of memory
 
 
@@ -143,8 +158,8 @@ def test_mlp_keep_out_of_memory_retreats_lean(decisions, monkeypatch, fresh_ledg
 
 
 def test_experts_keep_out_of_memory_retreats_lean(decisions, monkeypatch, fresh_ledger):
-    failing, _ = _failing_once(chunked_experts._keeping_forward, torch.OutOfMemoryError("CUDA out of memory"))
-    monkeypatch.setattr(chunked_experts, "_keeping_forward", failing)
+    failing, _ = _failing_once(kept_graphs.run_keeping, torch.OutOfMemoryError("CUDA out of memory"))
+    monkeypatch.setattr(kept_graphs, "run_keeping", failing)
     assert_parity(qwen3_moe("grouped_mm"), loss_and_aux, _moe_batch(), memory_budget="1GiB")
     assert memory_budget.ledger(torch.device("cpu")).ceiling is not None
 

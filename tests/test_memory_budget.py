@@ -44,21 +44,6 @@ def _keep_threshold(tokens: int) -> int:
 
 
 @pytest.fixture
-def decisions(monkeypatch):
-    """Every decision the runtime makes: (site kind, Decision)."""
-    made = []
-    decide = memory_budget.decide
-
-    def recorded(setting, group, key, x, *rest):
-        decision = decide(setting, group, key, x, *rest)
-        made.append((key.split("-")[0], x.shape[0], decision))
-        return decision
-
-    monkeypatch.setattr(memory_budget, "decide", recorded)
-    return made
-
-
-@pytest.fixture
 def fresh_auto(monkeypatch):
     """"auto" as on a device with `free` bytes free and `in_use` bytes held by this process."""
     from mst_fx.runtime import device_memory

@@ -41,7 +41,8 @@ MODELS = {  # name -> RunSpec shape fields
 VARIANTS = {
     "inductor": {"variant": "inductor"},
     "inductor+ckpt": {"variant": "inductor", "checkpointing": True},
-    "mst": {"variant": "mst"},
+    "mst": {"variant": "mst"},  # the default budget, "auto"
+    "mst-off": {"variant": "mst", "options": {"memory_budget": "off"}},  # every site chunked and recomputed
     "mst+ckpt": {"variant": "mst", "checkpointing": True},
     "mst@2048": {"variant": "mst", "options": {"chunk_size": 2048}},  # fewer, longer chunks than "auto"
 }
@@ -61,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--models", default=",".join(MODELS))
     r.add_argument("--variants", default="inductor,mst")
     r.add_argument("--tokens", type=int, default=4096)
-    r.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
+    r.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up steps")
+    r.add_argument("--warmup", type=int, default=2, help="warm-up steps: under memory_budget='auto' the first runs "
+                   "lean while it is measured and the second is the first that keeps")  # fmt: skip
     r.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved; "
                    "the table gives the mean step time and the largest peak")  # fmt: skip
     m = sub.choices["max-length"]
@@ -91,7 +94,7 @@ def ratios_main(args) -> int:
             for variant in args.variants.split(","):
                 runs.setdefault((model, variant), []).append(_run_once(args, model, variant))
     merged = {key: _merged(results) for key, results in runs.items()}
-    print(header(args, f"tokens={args.tokens} steps={args.steps} measured after one warm-up, repeats={args.repeats}"))
+    print(header(args, f"tokens={args.tokens} steps={args.steps} measured after {args.warmup} warm-up, repeats={args.repeats}"))
     print(ratios_table(merged))
     if args.json:
         rows = [
@@ -109,7 +112,7 @@ def _run_once(args, model: str, variant: str):
     print(f"running {model} {variant} at {args.tokens} tokens ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        r = run_in_child(spec(args, model, variant, args.tokens, steps=args.steps), args.timeout)
+        r = run_in_child(spec(args, model, variant, args.tokens, steps=args.steps, warmup=args.warmup), args.timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"  failed: {str(e)[-2000:]}", file=sys.stderr, flush=True)
         return None

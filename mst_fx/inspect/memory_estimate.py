@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from mst_fx.passes.budget_report import KEPT_TENSORS
+from mst_fx.passes.budget_report import kept_row_bytes
 from mst_fx.passes.report import SiteReport
 
 # Per kind: (N x W tensors kept for backward, N x W tensors its backward adds, chunk x W tensors a
@@ -119,9 +119,7 @@ def estimate_site(site: SiteReport) -> SiteMemory:
         return SiteMemory(kept_before, added_before, 0, chunk_tensors * block_rows * site.amplified_width)
     chunk = chunk_tensors * site.largest_chunk_tokens * site.amplified_width * site.itemsize
     if site.kind != "lm_head":
-        kept_row = site.kept_row_bytes or 0 if site.kind == "moe experts" else 0
-        kept = KEPT_TENSORS.get(site.kind, 0) * full + site.tokens * kept_row
-        kept = kept if (site.decision or "").startswith("kept") else 0
+        kept = site.tokens * kept_row_bytes(site) if (site.decision or "").startswith("kept") else 0
         return SiteMemory(kept_before, added_before, kept, chunk)
     gradients = (site.tokens + site.amplified_width) * site.in_width * site.itemsize
     return SiteMemory(kept_before, added_before, gradients, max(chunk, gradients))

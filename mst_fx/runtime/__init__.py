@@ -6,6 +6,8 @@ the logits placeholders the caller gets when the loss is computed outside the gr
     chunk_bodies.py       one chunk's forward and backward, compiled once per site
     chunk_plan.py         how many tokens each chunk takes
     memory_budget.py      per call: keep the intermediates or recompute, and how many chunks fit
+    kept_graphs.py        a call kept as an autograd graph (routed experts, per-token heads)
+    device_memory.py      what the limits on this process still allow: MemAvailable, cgroups, CUDA
     mask_expressions.py   an attention mask as an expression of its indices, evaluated by blocks
     masked_attention.py   the `mst::masked_attention` op: attention by blocks of queries, no N x N mask
     deferred_logits.py    `DeferredLogits`: returned logits the loss outside chunks on use

@@ -14,11 +14,9 @@ depends only on its own input rows. So it runs over chunks of tokens:
                            grad_whole  += d out[c] / d whole            (fp32 accumulators)
 
 When the memory budget lets the call keep (`memory_budget.py`), the forward runs the region once
-over all its tokens under autograd and keeps that autograd graph behind the ticket: the dispatch
-is not run again, and the backward is `autograd.grad` of the kept output. The bytes kept are the
-tensors autograd saved (counted by a saved-tensor hook as they are saved); the decision reads the
-pass's bound per token (`kept_bytes_per_token`: every token-sized intermediate of the region) until
-a keep has measured the real figure.
+over all its tokens under autograd and keeps that graph (`kept_graphs.py`): the backward runs no
+dispatch again. The decision reads the pass's bound per token (`kept_bytes_per_token`: every
+token-sized intermediate of the region) until a keep has measured what autograd really saved.
 
 Alive at once when chunked: the rows and their gradients (T x d, T x k), one fp32 accumulator per
 expert weight, and one chunk's dispatch: its T_c·k gathered rows, gate/up, activation and outputs.
@@ -37,7 +35,7 @@ import logging
 import torch
 from torch import Tensor, fx
 
-from . import chunk_bodies, memory_budget
+from . import chunk_bodies, kept_graphs, memory_budget
 from .chunked_ops import _autocast_dtype, ChunkedSite, _site, refuse_double_backward
 from .site_options import SiteOptions
 
@@ -140,48 +138,6 @@ def _forward_loop(site: ChunkedExperts, rows: list[Tensor], whole: list[Tensor],
     return out
 
 
-def _keeping_forward(site: ChunkedExperts, inputs: list[Tensor], needs: list[bool], autocast_dtype):
-    """(output, (the output with its autograd graph, the leaves), bytes autograd saved): the region
-    once over all tokens under autograd, its graph kept for the backward."""
-    counted = _SavedBytes(inputs)
-    ordinary = torch._C._ForceDispatchKeyGuard(*chunk_bodies.ORDINARY_DISPATCH)
-    with ordinary, torch.enable_grad(), chunk_bodies.autocast(inputs[0].device.type, autocast_dtype):
-        leaves = [t.detach().requires_grad_(need) if need else t for t, need in zip(inputs, needs)]
-        with torch.autograd.graph.saved_tensors_hooks(counted.pack, lambda t: t):
-            out = site.region(*leaves)
-    return out.detach(), (out, leaves), counted.nbytes
-
-
-class _SavedBytes:
-    """A saved-tensor hook that counts the bytes autograd saves, once per storage, leaving out the
-    inputs' storages (they are alive anyway)."""
-
-    def __init__(self, inputs: list[Tensor]):
-        self.storages = {_storage(t) for t in inputs}
-        self.nbytes = 0
-
-    def pack(self, tensor: Tensor) -> Tensor:
-        storage = _storage(tensor)
-        if storage not in self.storages:
-            self.storages.add(storage)
-            self.nbytes += tensor.untyped_storage().nbytes()
-        return tensor
-
-
-def _storage(tensor: Tensor) -> tuple:
-    return tensor.device, tensor.untyped_storage().data_ptr()
-
-
-def _replay_backward(kept, grad_out: Tensor, inputs: list[Tensor], needs: list[bool]) -> list[Tensor]:
-    """The gradients in `needs` from the kept autograd graph: no dispatch runs again."""
-    out, leaves = kept
-    targets = [leaf for leaf, need in zip(leaves, needs) if need]
-    with torch._C._ForceDispatchKeyGuard(*chunk_bodies.ORDINARY_DISPATCH):
-        grads = torch.autograd.grad(out, targets, grad_out.to(out.dtype), allow_unused=True)
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    return [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, wanted)]
-
-
 def _backward_loop(site, rows, whole, grad_out, needs, autocast_dtype, decision) -> list[Tensor]:
     body = _gradient_body(site.region, tuple(needs), site.row_count, autocast_dtype)
     inputs_all = rows + whole
@@ -222,7 +178,7 @@ def experts_forward(
     def run(decision):
         if not decision.keep:
             return _forward_loop(experts, rows, whole, autocast_dtype, decision), memory_budget.no_ticket()
-        out, kept, nbytes = _keeping_forward(experts, rows + whole, needs, autocast_dtype)
+        (out,), kept, nbytes = kept_graphs.run_keeping(experts.region, rows + whole, needs, autocast_dtype)
         experts.keep_row = -(-nbytes // max(1, x.shape[0]))  # measured: what the next decisions read
         return out, memory_budget.ledger(x.device).keep((kept, decision), nbytes)
 
@@ -250,8 +206,8 @@ def experts_backward(
 
     def run(decision):
         kept = stash.pop() if stash else None  # a lean retry drops the kept graph
-        if decision.keep and kept is not None:
-            return _replay_backward(kept[0], grad_out, rows + whole, needs)
+        if decision.keep and kept is not None:  # the kept graph: no dispatch runs again
+            return kept_graphs.gradients(kept[0], [grad_out], needs)
         del kept
         return _backward_loop(experts, rows, whole, grad_out, needs, autocast_dtype, decision)
 

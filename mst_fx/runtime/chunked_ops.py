@@ -100,7 +100,9 @@ class ChunkedSite(nn.Module):
 
     def register(self, *description) -> None:
         settings = (self.policy, self.compiler, self.fp32_accumulation, self.budget)
-        text = repr((_RUNTIME_VERSION, type(self).__name__, self.in_width, self.amplified_width, *settings, *description))
+        made_for = memory_budget.making()  # made at run time: no graph names it, so its key is its group's
+        own = () if made_for is None else (id(made_for),)
+        text = repr((_RUNTIME_VERSION, type(self).__name__, self.in_width, self.amplified_width, *settings, *description, *own))
         self.key = f"{type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
         _SITES.setdefault(self.key, weakref.WeakSet()).add(self)
         weakref.finalize(self, _forget, self.key)

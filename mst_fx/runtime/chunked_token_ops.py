@@ -15,7 +15,9 @@ this site in its place:
 The upstream gradient is one number per token and output, known only in backward, so the backward
 recomputes each chunk's logits (the MLP rewrite's scheme: one more head matmul per chunk). All
 outputs share one pass over the chunks; those that are not differentiable (an argmax, a value
-computed under no_grad) are computed in forward only and cost no backward.
+computed under no_grad) are computed in forward only and cost no backward. When the memory budget
+lets a call keep, the forward runs the head and the row function once over all tokens under
+autograd and keeps that graph (`kept_graphs.py`): the backward then recomputes nothing.
 
 A row-wise loss: when the graph reduces the one value per token straight to a scalar (a sum or a
 mean over every token: a cross-entropy written in any form, a focal loss), `ChunkedLinearRowLoss`
@@ -33,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from . import chunk_bodies, memory_budget
+from . import chunk_bodies, kept_graphs, memory_budget
 from .chunked_ops import (
     ChunkedLinearCrossEntropy,
     CrossEntropyForm,
@@ -58,6 +60,7 @@ class ChunkedLinearRows(ChunkedSite):
 
     WORK_TENSORS = 4  # a chunk's logits, their log-softmax, and in backward their gradients (fp32)
     WORK_ITEMSIZE = 4
+    KEPT_TENSORS = 3  # the bound a keep is planned with until one has measured: logits and two of their kind
 
     def __init__(
         self, form: CrossEntropyForm, row_function: fx.GraphModule, differentiable: tuple[bool, ...],
@@ -76,6 +79,7 @@ class ChunkedLinearRows(ChunkedSite):
         # holds sites weakly), since a submodule would make a cycle that compile caches can't pickle.
         self._gradient_site = (_DifferentiableRows(self.key, widths, options),)
         self.gradient_key = self._gradient_site[0].key
+        self.keep_row = self.KEPT_TENSORS * self.amplified_width * self.WORK_ITEMSIZE  # measured by the first keep
 
     def forward(self, x: Tensor, params: list, token_inputs: list, whole_inputs: list) -> tuple[Tensor, ...]:
         lead = x.shape[:-1]
@@ -170,54 +174,101 @@ def _probe(site: ChunkedLinearRows, x, params, tokens, wholes, autocast_dtype) -
 @torch.library.custom_op("mst::linear_rows_forward", mutates_args=())
 def linear_rows_forward(
     site: str, x: Tensor, params: list[Tensor | None], token_inputs: list[Tensor], whole_inputs: list[Tensor],
-    autocast_dtype: torch.dtype | None,
+    needs: list[bool], autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
+    """[*outputs, ticket]: the ticket names the autograd graph kept for backward, when the budget let
+    this call keep it (`memory_budget.py`); 0 when the backward is to recompute. `needs`: x, then
+    each param, whether its gradient is wanted."""
     head = _site(site)
     x, *params = _contiguous([x, *params])
     tokens, wholes = _contiguous(token_inputs), _contiguous(whole_inputs)
     probes = _probe(head, x, params, tokens, wholes, autocast_dtype)
-    outs = [x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes]
     tensors, present = _present(params)
     body = chunk_bodies.forward_body(head.chunk, present, autocast_dtype)
     inputs_of = _narrowed(tokens, wholes)
 
     def run(decision):
+        if decision.keep:
+            return _keeping_forward(head, x, params, tokens, wholes, needs, autocast_dtype, decision)
+        outs = [x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes]
         for start, length in head.chunks_of(x, decision):
             inputs = [x.narrow(0, start, length), *tensors, *inputs_of(start, length)]
             entry = chunk_bodies.compiled((site, "forward", present, autocast_dtype), body, None, inputs, head.compiler)
             for out, out_c in zip(outs, chunk_bodies.run(entry, inputs)):
                 out.narrow(0, start, length).copy_(out_c)
-        return outs
+        return [*outs, memory_budget.no_ticket()]
 
-    return head.run_retreating(x, head.decide(x), run)
+    keep_row = head.keep_row if any(needs) else 0  # nothing to differentiate: nothing to keep
+    return head.run_retreating(x, head.decide(x, keep_row), run)
+
+
+def _keeping_forward(head: ChunkedLinearRows, x, params, tokens, wholes, needs, autocast_dtype, decision):
+    count = len(params)
+
+    def rows_of(x, *rest):
+        params, inputs = list(rest[:count]), rest[count:]
+        return tuple(head.chunk(chunk_bodies.plain_linear(params), x, params, *inputs))
+
+    every_need = [*needs, *(False for _ in (*tokens, *wholes))]
+    outs, kept, nbytes = kept_graphs.run_keeping(rows_of, [x, *params, *tokens, *wholes], every_need, autocast_dtype)
+    head.keep_row = -(-nbytes // max(1, x.shape[0]))  # measured: what the next decisions read
+    return [*outs, memory_budget.ledger(x.device).keep((kept, decision), nbytes)]
 
 
 @linear_rows_forward.register_fake
-def _(site, x, params, token_inputs, whole_inputs, autocast_dtype):
+def _(site, x, params, token_inputs, whole_inputs, needs, autocast_dtype):
     probes = _probe(_site(site), x, params, token_inputs, whole_inputs, autocast_dtype)
-    return [x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes]
+    return [*(x.new_empty((x.shape[0], *p.shape[1:]), dtype=p.dtype) for p in probes), memory_budget.no_ticket()]
 
 
 @torch.library.custom_op("mst::linear_rows_backward", mutates_args=())
 def linear_rows_backward(
-    site: str, x: Tensor, grad_rows: Tensor, params: list[Tensor | None], token_inputs: list[Tensor],
+    site: str, x: Tensor, ticket: Tensor, grad_rows: Tensor, params: list[Tensor | None], token_inputs: list[Tensor],
     whole_inputs: list[Tensor], needs: list[bool], autocast_dtype: torch.dtype | None,
 ) -> list[Tensor]:  # fmt: skip
     """The gradients in `needs` (x, then each param). `grad_rows`: (N, k) fp32, the upstream
     gradients of the differentiable outputs, flattened and joined as `_DifferentiableRows` joins them."""
-    head = _site(_site(site).gradient_key)
+    rows_site = _site(site)
+    head = _site(rows_site.gradient_key)
     memory_budget.note_backward(head.budget, x.device)
+    stash = [memory_budget.ledger(x.device).take(ticket)]  # (kept graph, decision), or None
     x, grad_rows, *params = _contiguous([x, grad_rows, *params])
     inputs_of = _narrowed(_contiguous(token_inputs), _contiguous(whole_inputs))
     seed_of = lambda start, length: grad_rows.narrow(0, start, length)  # noqa: E731
-    _, grad_x, grads = head.run_retreating(x, head.decide(x), lambda decision: _gradient_loop(
-        head, x, seed_of, params, inputs_of, needs, autocast_dtype, False, head.chunks_of(x, decision)
-    ))  # fmt: skip
-    return [g for g in [grad_x, *grads] if g is not None]
+
+    def run(decision) -> list[Tensor | None]:
+        kept = stash.pop() if stash else None  # a lean retry drops the kept graph
+        if decision.keep and kept is not None:  # the kept graph: nothing runs again
+            graph, _ = kept
+            grad_outs = _split_rows(grad_rows, graph[0], rows_site.differentiable)
+            every_need = [*needs, *(False for _ in graph[1][len(needs) :])]
+            found = iter(kept_graphs.gradients(graph, grad_outs, every_need))
+            return [next(found) if need else None for need in needs]
+        del kept
+        chunks = head.chunks_of(x, decision)
+        _, grad_x, grads = _gradient_loop(head, x, seed_of, params, inputs_of, needs, autocast_dtype, False, chunks)
+        return [grad_x, *grads]
+
+    decision = stash[0][1] if stash[0] is not None else head.decide(x)
+    return [g for g in head.run_retreating(x, decision, run) if g is not None]
+
+
+def _split_rows(grad_rows: Tensor, outputs: tuple[Tensor, ...], differentiable: tuple[bool, ...]) -> list[Tensor | None]:
+    """The joined (N, k) gradient of the differentiable outputs back to one per output (None for the
+    others), in each output's shape."""
+    found, offset = [], 0
+    for out, d in zip(outputs, differentiable):
+        if not d:
+            found.append(None)
+            continue
+        width = out.shape[1:].numel()
+        found.append(grad_rows[:, offset : offset + width].reshape(out.shape))
+        offset += width
+    return found
 
 
 @linear_rows_backward.register_fake
-def _(site, x, grad_rows, params, token_inputs, whole_inputs, needs, autocast_dtype):
+def _(site, x, ticket, grad_rows, params, token_inputs, whole_inputs, needs, autocast_dtype):
     return [torch.empty_like(t) for t, need in zip([x, *params], needs) if need]
 
 
@@ -227,8 +278,9 @@ class _LinearRowsFunction(torch.autograd.Function):
         params, rest = list(tensors[: counts[0]]), tensors[counts[0] :]
         tokens, wholes = list(rest[: counts[1]]), list(rest[counts[1] :])
         ctx.key, ctx.counts, ctx.autocast = key, counts, _autocast_dtype(x)
-        ctx.save_for_backward(x, *tensors)
-        outs = torch.ops.mst.linear_rows_forward(key, x, params, tokens, wholes, ctx.autocast)
+        needs = [ctx.needs_input_grad[2], *ctx.needs_input_grad[3 : 3 + counts[0]]]
+        *outs, ticket = torch.ops.mst.linear_rows_forward(key, x, params, tokens, wholes, needs, ctx.autocast)
+        ctx.save_for_backward(x, ticket, *tensors)
         differentiable = _site(key).differentiable
         ctx.mark_non_differentiable(*(o for o, d in zip(outs, differentiable) if not d))
         return tuple(outs)
@@ -236,7 +288,7 @@ class _LinearRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs):
         refuse_double_backward()
-        x, *tensors = ctx.saved_tensors
+        x, ticket, *tensors = ctx.saved_tensors
         params, rest = tensors[: ctx.counts[0]], tensors[ctx.counts[0] :]
         tokens, wholes = rest[: ctx.counts[1]], rest[ctx.counts[1] :]
         differentiable = _site(ctx.key).differentiable
@@ -244,9 +296,9 @@ class _LinearRowsFunction(torch.autograd.Function):
         kept = [g for g, d in zip(grad_outs, differentiable) if d]
         grad_rows = torch.cat([g.float().reshape(x.shape[0], -1) for g in kept], -1)
         needs = [ctx.needs_input_grad[2], *ctx.needs_input_grad[3 : 3 + ctx.counts[0]]]
-        grads = iter(
-            torch.ops.mst.linear_rows_backward(ctx.key, x, grad_rows, list(params), list(tokens), list(wholes), needs, ctx.autocast)
-        )
+        grads = iter(torch.ops.mst.linear_rows_backward(
+            ctx.key, x, ticket, grad_rows, list(params), list(tokens), list(wholes), needs, ctx.autocast
+        ))  # fmt: skip
         found = [next(grads) if need else None for need in needs]
         return None, None, *found, *(None for _ in rest)
 

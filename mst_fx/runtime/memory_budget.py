@@ -11,8 +11,9 @@ Per call, with `held` the bytes that sites have kept and not yet released (on th
 every site and every forward since their backward), a site of N tokens decides:
 
     keep      when  held + N·keep_row + max(N·work_row, reserve) <= budget
-              one chunk, its intermediates kept for backward: no recompute (MLPs and routed
-              experts; the LM head computes its gradients in forward and never recomputes anyway)
+              one chunk, its intermediates kept for backward: no recompute (MLPs, routed experts
+              and per-token heads; the LM head and row losses compute their gradients in forward
+              and never recompute anyway)
     one chunk when  held + N·work_row <= budget
               (one chunk: N itself when a power of two, else N's binary pieces, 512 + 8 for 520,
               so that bodies compiled per power of two serve every length)
@@ -84,6 +85,7 @@ graph's sites never shrink another's keeps.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import logging
@@ -266,7 +268,12 @@ class SiteGroup:
 
     A site reserves room for the lean chunk of every other site of its group (the module docstring).
     The group holds its graph's sites weakly (the compiled graph holds them) and the sites made for
-    it at run time strongly, by description (`made`): they go when the graph's sites do."""
+    it at run time strongly, by description (`made`): they go when the graph's sites do.
+
+    Which group a call belongs to: a graph's ops name their site by a key that hashes its
+    description only (so that compile caches hit across processes), and two graphs may hold sites
+    of one key; the compiled graph says which group runs (`running`) while it runs. Sites made at
+    run time get keys of their own group (`making`)."""
 
     def __init__(self) -> None:
         self._sites: weakref.WeakSet = weakref.WeakSet()
@@ -279,7 +286,11 @@ class SiteGroup:
     def made(self, description: tuple, make: Callable[[], object]):
         """The site made at run time for `description`, made once per group."""
         if description not in self._made:
-            self._made[description] = make()
+            token = _MAKING.set(self)
+            try:
+                self._made[description] = make()
+            finally:
+                _MAKING.reset(token)
         return self._made[description]
 
     def __reduce__(self):
@@ -291,6 +302,25 @@ class SiteGroup:
         """The largest lean chunk of any other site of the group under the same budget setting."""
         others = [s for s in list(self._sites) if s.key != excluding and s.budget == setting]
         return max((s.lean_chunk_bytes(tokens, device_type) for s in others), default=0)
+
+
+_RUNNING: contextvars.ContextVar[SiteGroup | None] = contextvars.ContextVar("mst_running_group", default=None)
+_MAKING: contextvars.ContextVar[SiteGroup | None] = contextvars.ContextVar("mst_making_group", default=None)
+
+
+@contextlib.contextmanager
+def running(group: SiteGroup):
+    """While a compiled graph runs: its sites' calls reserve room within `group`."""
+    token = _RUNNING.set(group)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
+def making() -> SiteGroup | None:
+    """The group a site is being made for at run time (`SiteGroup.made`), or None."""
+    return _MAKING.get()
 
 
 # ---------------------------------------------------------------- kept intermediates
@@ -354,7 +384,7 @@ def decide(
     budget = resolve(setting, x.device, held, tokens)
     if budget is None:
         return Decision(False, lean_rows, None)
-    reserve = group.reserve(setting, tokens, x.device.type, key)
+    reserve = (_RUNNING.get() or group).reserve(setting, tokens, x.device.type, key)
     decision = choose(tokens, budget, held, reserve, keep_row, work_row, can_keep)
     if not decision.fits and setting not in _warned_over_budget:
         _warned_over_budget.add(setting)
