@@ -95,7 +95,7 @@ class ChunkedSite(nn.Module):
         self.fp32_accumulation = options.grad_accumulation == "fp32"
         fixed = self.policy.rows is not None or self.policy.count is not None
         self.budget = memory_budget.OFF if fixed else options.budget  # fixed chunking is not the budget's to change
-        self.group = getattr(options, "group", None) or _UNGROUPED
+        self.group = site_group(options)
         self.kept_row_bytes: dict[tuple, int] = {}  # by the dtypes and shapes of x and params
 
     def register(self, *description) -> None:
@@ -165,14 +165,15 @@ def _forget(key: str) -> None:
         chunk_bodies.forget(key)
 
 
-def runtime_sites(options: SiteOptions) -> memory_budget.SiteGroup:
-    """Where sites made at run time for a compiled graph (the loss of its deferred logits) are
-    kept: its site group, so that they go with it; outside a compile, the ungrouped sites'."""
+def site_group(options: SiteOptions) -> memory_budget.SiteGroup:
+    """The group of the sites built with these options: their compiled graph's, where sites made
+    at run time for it (the loss of its deferred logits) are kept too; outside a compile, the
+    ungrouped sites'."""
     return getattr(options, "group", None) or _UNGROUPED
 
 
 def live_site_keys() -> set[str]:
-    """The keys of the sites alive now: those of compiled graphs still held, and of tests' own."""
+    """The keys of the sites alive now (the compiled graphs that call them are still held)."""
     return {key for key, sites in list(_SITES.items()) if any(True for _ in sites)}
 
 

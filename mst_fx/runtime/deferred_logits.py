@@ -40,7 +40,7 @@ from torch import Tensor, fx
 
 from . import deferred_rows
 from .chunk_bodies import autocast, plain_linear
-from .chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits, runtime_sites
+from .chunked_ops import AdapterForm, ChunkedLinearCrossEntropy, CrossEntropyForm, head_logits, site_group
 from .dropped_logits import READABLE
 from .per_token_loss import DeferredTokenLosses, per_token_cross_entropy
 from .site_options import SiteOptions
@@ -234,10 +234,10 @@ def _rows_by_class_layout(deferred: DeferredLogits, target: Tensor) -> Tensor | 
 
 def _site(form: CrossEntropyForm, head: Head, width: int) -> ChunkedLinearCrossEntropy:
     """The chunked LM head + loss for this head's description, made once per compiled graph (its
-    site group, `runtime_sites`) and reused every step."""
+    site group, `site_group`) and reused every step."""
     key = ("cross_entropy", form, head.transform.code, width, head.vocab, head.options)
     make = lambda: ChunkedLinearCrossEntropy(form, head.transform, (width, head.vocab), head.options)  # noqa: E731
-    return runtime_sites(head.options).made(key, make)
+    return site_group(head.options).made(key, make)
 
 
 # ---------------------------------------------------------------- ops that keep the logits deferred

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .chunk_bodies import autocast
-from .chunked_ops import runtime_sites
+from .chunked_ops import site_group
 from .chunked_token_ops import ChunkedLinearRows
 
 _NORMALIZERS = {torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax, F.softmax, F.log_softmax}
@@ -134,7 +134,7 @@ def _reduce(deferred, func, index: Tensor | None, options: dict) -> Tensor:
         head.form("none", -100, 0.0), row_function, (differentiable,), token_specs, (), ("model",), (width, head.vocab),
         head.options,
     )  # fmt: skip
-    site = runtime_sites(head.options).made(key, make)
+    site = site_group(head.options).made(key, make)
     params = list(head.params)
     with autocast(deferred.rows.device.type, head.autocast_dtype):
         (out,) = site(deferred.rows, params, [] if index is None else [index], [])

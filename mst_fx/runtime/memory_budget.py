@@ -137,29 +137,28 @@ class _Auto:
         self.mark = device_memory.peak(device)  # the peak mark when the last site call ended
         self.measured = 0  # the longest call that a backward has followed: its step was measured
         self.unmeasured = 0  # the longest call since, run lean to be measured
-        self.last: tuple[int, device_memory.Headroom] | None = None  # the last budget, and what it read
 
-    def call_begins(self, held: int) -> None:
-        self.base = max(self.base, device_memory.in_use(self.device) - held)
+    def call_begins(self, held: int) -> int:
+        """Samples what the process holds apart from the keeps; returns what it holds now."""
+        in_use = device_memory.in_use(self.device)
+        self.base = max(self.base, in_use - held)
         mark = device_memory.peak(self.device)
         if mark != self.mark:  # a new peak between two calls (or a reset mark): the process's own
             self.base = max(self.base, mark - held)
         self.mark = mark
+        return in_use
 
     def call_ends(self) -> None:
         self.mark = device_memory.peak(self.device)
 
     def budget(self, held: int, tokens: int) -> int | None:
         """Bytes, or None while a call of this length runs lean to be measured."""
-        self.call_begins(held)
+        in_use = self.call_begins(held)
         if tokens > self.measured:
             self.unmeasured = max(self.unmeasured, tokens)
             return None
-        room = device_memory.headroom(self.device)
-        capacity = room.free + device_memory.in_use(self.device)
-        budget = max(0, int(capacity * (1 - AUTO_MARGIN)) - self.base)
-        self.last = (budget, room)
-        return budget
+        capacity = device_memory.headroom(self.device).free + in_use
+        return max(0, int(capacity * (1 - AUTO_MARGIN)) - self.base)
 
     def backward_begins(self, held: int) -> None:
         self.call_begins(held)

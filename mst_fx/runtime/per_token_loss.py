@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from .chunked_ops import CrossEntropyForm, runtime_sites
+from .chunked_ops import CrossEntropyForm, site_group
 from .chunked_token_ops import ChunkedLinearRows
 from .dropped_logits import READABLE
 from .site_options import SiteOptions
@@ -44,7 +44,7 @@ def per_token_cross_entropy(
         widths = (rows.shape[-1], vocab)
         return ChunkedLinearRows(form, row_function, (True,), (("model", ()),), (), ("model",), widths, options)
 
-    site = runtime_sites(options).made(key, make)  # one site per description and graph, reused every step
+    site = site_group(options).made(key, make)  # one site per description and graph, reused every step
     (losses,) = site(rows, list(params), [target], [])
     return losses
 
