@@ -86,6 +86,28 @@ def test_torchtitan_moe_trains_with_the_routed_experts_chunked(dtype):
     assert (experts[0].experts, experts[0].top_k, experts[0].chunks) == (8, 2, 3)
 
 
+def test_torchtitan_moe_experts_keep_under_a_budget(decisions):
+    """The same blocks, compiled one by one, under a budget the experts fit: each block's call keeps
+    its autograd graph (one graph serves both blocks, each call its own ticket), its backward runs no
+    dispatch again, and every keep is released."""
+    if not _installed("torchtitan"):
+        pytest.skip("torchtitan is not installed (tools/stacks_install.sh)")
+    from mst_fx.runtime import memory_budget
+
+    tokens = 1100  # past one lean chunk of the experts (256 rows x E/k = 1024), so the site is rewritten
+    reference, stack = build_torchtitan_moe(tokens), build_torchtitan_moe(tokens)
+    expected = training_step(reference.model, reference.inputs, reference.labels, reference.loss_fn)
+    model, loss_fn = stack.compile_model_fn(stack.model, mst_fx.backend(memory_budget="1GiB", compiler="aot_eager"))
+    got = training_step(model, stack.inputs, stack.labels, loss_fn)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (n, p), (_, q) in zip(stack.model.named_parameters(), reference.model.named_parameters()):
+        error = (p.grad.float() - q.grad.float()).abs().max().item()  # bf16 experts, as above
+        assert error <= 1e-2 * q.grad.float().abs().max().item(), (n, error)
+    kept = [d for kind, _, d in decisions if kind == "ChunkedExperts"]
+    assert len(kept) == 2 and all(d.keep for d in kept), kept  # both blocks' calls
+    assert memory_budget.ledger(torch.device("cpu")).held == 0
+
+
 def test_x_transformers_trains_with_its_stable_cross_entropy_chunked():
     """x-transformers' AutoregressiveWrapper compiled whole: one graph holds the decoder, the head
     and torch_einops_utils' `cross_entropy`, which is no F.cross_entropy but its stable form (one-hot
