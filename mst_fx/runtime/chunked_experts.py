@@ -179,8 +179,7 @@ def experts_forward(
         if not decision.keep:
             return _forward_loop(experts, rows, whole, autocast_dtype, decision), memory_budget.no_ticket()
         (out,), kept, nbytes = kept_graphs.run_keeping(experts.region, rows + whole, needs, autocast_dtype)
-        experts.keep_row = -(-nbytes // max(1, x.shape[0]))  # measured: what the next decisions read
-        return out, memory_budget.ledger(x.device).keep((kept, decision), nbytes)
+        return out, experts.keep_graph(x, kept, nbytes, decision)
 
     keep_row = experts.keep_row if any(needs) else 0  # nothing to differentiate: nothing to keep
     return experts.run_retreating(x, experts.decide(x, keep_row), run)
@@ -201,18 +200,14 @@ def experts_backward(
     rows, whole = _split(row_count, inputs)
     experts = _site(site)
     grad_out = grad_out.contiguous()
-    memory_budget.note_backward(experts.budget, grad_out.device)
-    stash = [memory_budget.ledger(grad_out.device).take(ticket)]  # (kept graph, decision), or None
 
-    def run(decision):
-        kept = stash.pop() if stash else None  # a lean retry drops the kept graph
-        if decision.keep and kept is not None:  # the kept graph: no dispatch runs again
-            return kept_graphs.gradients(kept[0], [grad_out], needs)
-        del kept
+    def replay(kept):  # the kept graph: no dispatch runs again
+        return kept_graphs.gradients(kept, [grad_out], needs)
+
+    def recompute(decision):
         return _backward_loop(experts, rows, whole, grad_out, needs, autocast_dtype, decision)
 
-    decision = stash[0][1] if stash[0] is not None else experts.decide(rows[0])
-    return experts.run_retreating(rows[0], decision, run)
+    return experts.backward_retreating(rows[0], ticket, replay, recompute)
 
 
 @experts_backward.register_fake

@@ -143,6 +143,32 @@ class ChunkedSite(nn.Module):
             # out of the handler: its traceback, and the failed call's tensors with it, are gone
             return run(self.lean_decision(x))
 
+    def keep(self, x: Tensor, kept: object, nbytes: int, decision: memory_budget.Decision) -> Tensor:
+        """The ticket of a call that kept `kept` (`nbytes` bytes) for its backward."""
+        return memory_budget.ledger(x.device).keep((kept, decision), nbytes)
+
+    def keep_graph(self, x: Tensor, kept: object, nbytes: int, decision: memory_budget.Decision) -> Tensor:
+        """`keep` for a call that kept its autograd graph (`kept_graphs.py`): the bytes per row it
+        measured are what the site's next decisions read (`keep_row`)."""
+        self.keep_row = -(-nbytes // max(1, x.shape[0]))
+        return self.keep(x, kept, nbytes, decision)
+
+    def backward_retreating(self, x: Tensor, ticket: Tensor, replay: Callable, recompute: Callable):
+        """A backward: `replay(kept)` from what its forward kept behind `ticket`, or else
+        `recompute(decision)` chunk by chunk; when a replay runs out of memory, the kept tensors
+        go and it recomputes at the lean rule (`run_retreating`)."""
+        memory_budget.note_backward(self.budget, x.device)
+        stash = [memory_budget.ledger(x.device).take(ticket)]  # (kept, the forward's decision), or None
+
+        def run(decision: memory_budget.Decision):
+            kept = stash.pop() if stash else None  # a lean retry drops what the forward kept
+            if decision.keep and kept is not None:
+                return replay(kept[0])
+            del kept
+            return recompute(decision)
+
+        return self.run_retreating(x, stash[0][1] if stash[0] is not None else self.decide(x), run)
+
     def chunks_of(self, x: Tensor, decision: memory_budget.Decision | None = None) -> list[tuple[int, int]]:
         decision = decision or self.decide(x)
         policy = self.policy if decision.budget is None else ChunkPolicy(rows=decision.rows)
@@ -313,7 +339,7 @@ def mlp_forward(
             return _forward_loop(mlp, x, params, autocast_dtype, decision), memory_budget.no_ticket()
         out, kept, positions = _keeping_forward(mlp, x, params, autocast_dtype, decision)
         nbytes = sum(t.numel() * t.element_size() for piece in kept.values() for t in piece)
-        return out, memory_budget.ledger(x.device).keep((positions, kept, decision), nbytes)
+        return out, mlp.keep(x, (positions, kept), nbytes, decision)
 
     return mlp.run_retreating(x, mlp.decide(x, _kept_row_bytes(mlp, x, params, autocast_dtype)), run)
 
@@ -331,24 +357,19 @@ def mlp_backward(
 ) -> list[Tensor]:  # fmt: skip
     x, grad_out, *params = _contiguous([x, grad_out, *params])
     mlp = _site(site)
-    memory_budget.note_backward(mlp.budget, x.device)
-    stash = [memory_budget.ledger(x.device).take(ticket)]  # (positions, pieces, decision), or None
     seed_of = lambda s, n: grad_out.narrow(0, s, n)  # noqa: E731
 
-    def run(decision: memory_budget.Decision):
-        kept = stash.pop() if stash else None  # a lean retry drops what the forward kept
-        if decision.keep and kept is not None:  # the forward's pieces, replayed: no recompute
-            replay, pieces, _ = kept
-            chunks = [(start, piece[0].shape[0]) for start, piece in pieces.items()]
-            return _gradient_loop(
-                mlp, x, seed_of, params, lambda s, n: pieces[s], needs, autocast_dtype, False, chunks, replay
-            )
-        del kept
+    def replay(kept):  # the forward's pieces, replayed: no recompute
+        positions, pieces = kept
+        chunks = [(start, piece[0].shape[0]) for start, piece in pieces.items()]
+        extra_of = lambda s, n: pieces[s]  # noqa: E731
+        return _gradient_loop(mlp, x, seed_of, params, extra_of, needs, autocast_dtype, False, chunks, positions)
+
+    def recompute(decision):
         chunks = mlp.chunks_of(x, decision)
         return _gradient_loop(mlp, x, seed_of, params, lambda s, n: (), needs, autocast_dtype, False, chunks)
 
-    decision = stash[0][2] if stash[0] is not None else mlp.decide(x)
-    _, grad_x, grads = mlp.run_retreating(x, decision, run)
+    _, grad_x, grads = mlp.backward_retreating(x, ticket, replay, recompute)
     return [g for g in [grad_x, *grads] if g is not None]
 
 

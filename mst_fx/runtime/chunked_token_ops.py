@@ -211,8 +211,7 @@ def _keeping_forward(head: ChunkedLinearRows, x, params, tokens, wholes, needs, 
 
     every_need = [*needs, *(False for _ in (*tokens, *wholes))]
     outs, kept, nbytes = kept_graphs.run_keeping(rows_of, [x, *params, *tokens, *wholes], every_need, autocast_dtype)
-    head.keep_row = -(-nbytes // max(1, x.shape[0]))  # measured: what the next decisions read
-    return [*outs, memory_budget.ledger(x.device).keep((kept, decision), nbytes)]
+    return [*outs, head.keep_graph(x, kept, nbytes, decision)]
 
 
 @linear_rows_forward.register_fake
@@ -230,27 +229,22 @@ def linear_rows_backward(
     gradients of the differentiable outputs, flattened and joined as `_DifferentiableRows` joins them."""
     rows_site = _site(site)
     head = _site(rows_site.gradient_key)
-    memory_budget.note_backward(head.budget, x.device)
-    stash = [memory_budget.ledger(x.device).take(ticket)]  # (kept graph, decision), or None
     x, grad_rows, *params = _contiguous([x, grad_rows, *params])
     inputs_of = _narrowed(_contiguous(token_inputs), _contiguous(whole_inputs))
     seed_of = lambda start, length: grad_rows.narrow(0, start, length)  # noqa: E731
 
-    def run(decision) -> list[Tensor | None]:
-        kept = stash.pop() if stash else None  # a lean retry drops the kept graph
-        if decision.keep and kept is not None:  # the kept graph: nothing runs again
-            graph, _ = kept
-            grad_outs = _split_rows(grad_rows, graph[0], rows_site.differentiable)
-            every_need = [*needs, *(False for _ in graph[1][len(needs) :])]
-            found = iter(kept_graphs.gradients(graph, grad_outs, every_need))
-            return [next(found) if need else None for need in needs]
-        del kept
+    def replay(graph) -> list[Tensor | None]:  # the kept graph: nothing runs again
+        grad_outs = _split_rows(grad_rows, graph[0], rows_site.differentiable)
+        every_need = [*needs, *(False for _ in graph[1][len(needs) :])]
+        found = iter(kept_graphs.gradients(graph, grad_outs, every_need))
+        return [next(found) if need else None for need in needs]
+
+    def recompute(decision) -> list[Tensor | None]:
         chunks = head.chunks_of(x, decision)
         _, grad_x, grads = _gradient_loop(head, x, seed_of, params, inputs_of, needs, autocast_dtype, False, chunks)
         return [grad_x, *grads]
 
-    decision = stash[0][1] if stash[0] is not None else head.decide(x)
-    return [g for g in head.run_retreating(x, decision, run) if g is not None]
+    return [g for g in head.backward_retreating(x, ticket, replay, recompute) if g is not None]
 
 
 def _split_rows(grad_rows: Tensor, outputs: tuple[Tensor, ...], differentiable: tuple[bool, ...]) -> list[Tensor | None]:
